@@ -1,0 +1,110 @@
+"""The daemon: one Trio nursery, its parts started in order.
+
+    supervisor  ──started (upstream healthy)──>
+    worker      ──started──>
+    front end   ──started (listening)──>  banner
+
+Shutdown is cancellation. The first SIGINT or SIGTERM stops the front end
+accepting and gives open requests ``graceful_timeout`` to finish; then the
+nursery is cancelled and the supervisor stops llama-server. A second signal
+cancels at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from functools import partial
+from typing import Callable
+
+import attrs
+import hypercorn
+import hypercorn.trio
+import trio
+
+from ._app import App
+from ._channel import SerialChannel
+from ._config import Config
+from ._locate import find_binary, find_model
+from ._supervisor import ExternalServer, Launcher, Supervisor, TrioLauncher
+
+__all__ = ["Daemon", "serve"]
+
+log = logging.getLogger("sentinel")
+
+
+@attrs.frozen
+class Daemon:
+    """What a started daemon tells its caller."""
+
+    url: str
+    server: Supervisor | ExternalServer
+    channel: SerialChannel
+    app: App
+    shutdown: Callable[[], None]
+
+
+def build_server(config: Config, launcher: Launcher | None = None) -> tuple[Supervisor | ExternalServer, str]:
+    """The supervisor (or the external upstream) and the model name to report."""
+    if config.server.mode == "upstream":
+        return ExternalServer(config.server), config.server.model_name or "local-model"
+    binary = find_binary(config.server.binary)
+    model = find_model(config.server.model)
+    log.info("llama-server binary %s (from %s); model %s", binary.path, binary.source, model)
+    supervisor = Supervisor(
+        config.server, binary.path, model, binary.environment(),
+        log_path=config.state_path / "llama-server.log",
+        launcher=launcher or TrioLauncher(),
+    )
+    return supervisor, config.server.model_name or model.stem
+
+
+def _hypercorn_config(config: Config) -> hypercorn.Config:
+    hc = hypercorn.Config()
+    host = config.listen.host
+    hc.bind = [f"[{host}]:{config.listen.port}" if ":" in host else f"{host}:{config.listen.port}"]
+    hc.graceful_timeout = 30.0
+    hc.keep_alive_timeout = 75.0
+    hc.accesslog = None
+    hc.errorlog = logging.getLogger("hypercorn.error")
+    return hc
+
+
+async def serve(config: Config, *, launcher: Launcher | None = None,
+                handle_signals: bool = False,
+                task_status: trio.TaskStatus[Daemon] = trio.TASK_STATUS_IGNORED) -> None:
+    server, model_name = build_server(config, launcher)
+    channel = SerialChannel(server, queue_limit=config.channel.queue_limit)
+    app = App(config, server, channel, model_name=model_name)
+    stop_accepting = trio.Event()
+
+    async with trio.open_nursery() as nursery:
+        if handle_signals:
+            nursery.start_soon(_on_signals, stop_accepting, nursery.cancel_scope)
+        await nursery.start(server.run)
+        await nursery.start(channel.run)
+        hc = _hypercorn_config(config)
+        binds = await nursery.start(partial(
+            _serve_front_end, app, hc, stop_accepting, nursery.cancel_scope))
+        url = binds[0]
+        task_status.started(Daemon(url, server, channel, app, stop_accepting.set))
+
+
+async def _serve_front_end(app: App, hc: hypercorn.Config, stop_accepting: trio.Event,
+                           everything: trio.CancelScope, *,
+                           task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
+    await hypercorn.trio.serve(app, hc, shutdown_trigger=stop_accepting.wait, task_status=task_status)
+    # The front end has drained: nothing can reach the upstream any more.
+    everything.cancel()
+
+
+async def _on_signals(stop_accepting: trio.Event, everything: trio.CancelScope) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            if not stop_accepting.is_set():
+                log.info("%s: finishing open requests, then stopping", signal.Signals(signum).name)
+                stop_accepting.set()
+            else:
+                log.info("%s again: stopping now", signal.Signals(signum).name)
+                everything.cancel()
+                return
