@@ -54,7 +54,7 @@ def _apply_overrides(config: Config, args: argparse.Namespace) -> Config:
         if args.upstream is not None:
             server = attrs.evolve(server, mode="upstream", url=args.upstream)
     except ConfigError as e:
-        raise ConfigError(f"command line: {e}") from None
+        raise ConfigError(f"command line --{e}") from None
     return attrs.evolve(config, listen=listen, server=server)
 
 

@@ -81,10 +81,9 @@ class ServerConfig:
 class ChannelConfig:
     #: Requests waiting for the model, beyond which clients get 529 with retry-after.
     queue_limit: int = attrs.field(default=32, validator=_positive)
-    #: Seconds between ``event: ping`` on a stream that waits for its first event.
+    #: A streaming request silent this long (queued, or in prefill) gets its 200
+    #: committed and an ``event: ping``, then another every interval.
     ping_interval: float = attrs.field(default=15.0, validator=_positive)
-    #: Seconds after which a streaming request that still waits gets its 200 committed.
-    commit_after: float = attrs.field(default=1.0, validator=_not_negative)
     retry_after: int = attrs.field(default=2, validator=_not_negative)
 
 

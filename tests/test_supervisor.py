@@ -1,0 +1,145 @@
+"""The supervisor with a fake launcher and a scripted /health, on trio's autojump clock."""
+
+import signal
+from pathlib import Path
+
+import attrs
+import httpx
+import pytest
+import trio
+import trio.testing
+
+from sentinel._config import ServerConfig
+from sentinel._supervisor import StartupError, Status, Supervisor, server_argv, terminate
+
+
+@attrs.define(eq=False)
+class FakeProcess:
+    pid: int
+    obeys_sigterm: bool = True
+    returncode: int | None = None
+    signals: list[int] = attrs.field(factory=list)
+    _exited: trio.Event = attrs.field(factory=trio.Event)
+
+    def exit(self, returncode: int) -> None:
+        if self.returncode is None:
+            self.returncode = returncode
+            self._exited.set()
+
+    async def wait(self) -> int:
+        await self._exited.wait()
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        self.signals.append(sig)
+        if sig == signal.SIGKILL or (sig == signal.SIGTERM and self.obeys_sigterm):
+            self.exit(-sig)
+
+
+@attrs.define(eq=False)
+class FakeLauncher:
+    obeys_sigterm: bool = True
+    launched: list[FakeProcess] = attrs.field(factory=list)
+    argv: list[list[str]] = attrs.field(factory=list)
+    #: Seconds each process takes to load; /health says 503 until then.
+    load_time: float = 2.0
+    started_at: list[float] = attrs.field(factory=list)
+
+    async def launch(self, argv, env, log_path):
+        process = FakeProcess(1000 + len(self.launched), self.obeys_sigterm)
+        self.launched.append(process)
+        self.argv.append(list(argv))
+        self.started_at.append(trio.current_time())
+        return process
+
+    def health(self, request: httpx.Request) -> httpx.Response:
+        if not self.launched or self.launched[-1].returncode is not None:
+            raise httpx.ConnectError("refused", request=request)
+        loading = trio.current_time() - self.started_at[-1] < self.load_time
+        return httpx.Response(503 if loading else 200)
+
+
+def make_supervisor(tmp_path: Path, launcher: FakeLauncher, **config) -> Supervisor:
+    supervisor = Supervisor(ServerConfig(**config), Path("/bin/llama-server"), Path("/m/model.gguf"),
+                            env={}, log_path=tmp_path / "server.log", launcher=launcher)
+    supervisor.upstream.transport = httpx.MockTransport(launcher.health)
+    return supervisor
+
+
+async def test_ready_only_after_health_turns_200(tmp_path, autojump_clock, nursery):
+    launcher = FakeLauncher(load_time=2.0)
+    supervisor = make_supervisor(tmp_path, launcher)
+    await nursery.start(supervisor.run)
+    assert supervisor.state.status is Status.READY
+    assert 2.0 <= trio.current_time() <= 2.0 + supervisor.config.health_interval
+    assert supervisor.state.pid == 1000
+
+
+async def test_argv_binds_loopback_with_a_private_key(tmp_path):
+    argv = server_argv("/bin/llama-server", "/m.gguf", ServerConfig(ctx_size=8192, args=("--jinja",)),
+                       port=4242, api_key="k")
+    assert argv[:3] == ["/bin/llama-server", "--model", "/m.gguf"]
+    assert argv[-6:] == ["--host", "127.0.0.1", "--port", "4242", "--api-key", "k"]
+    assert "--jinja" in argv and argv[argv.index("--ctx-size") + 1] == "8192"
+
+
+async def test_api_keys_differ_between_instances(tmp_path):
+    launcher = FakeLauncher()
+    assert make_supervisor(tmp_path, launcher).api_key != make_supervisor(tmp_path, launcher).api_key
+
+
+async def test_startup_timeout_kills_the_server(tmp_path, autojump_clock):
+    launcher = FakeLauncher(load_time=1000)
+    supervisor = make_supervisor(tmp_path, launcher, startup_timeout=30)
+    with pytest.raises(StartupError, match="not healthy within 30 s"):
+        await supervisor.run()
+    process = launcher.launched[0]
+    assert process.signals == [signal.SIGTERM] and process.returncode == -signal.SIGTERM
+
+
+async def test_exit_during_startup_names_the_cause(tmp_path, autojump_clock, nursery):
+    launcher = FakeLauncher(load_time=10)
+    supervisor = make_supervisor(tmp_path, launcher)
+    (tmp_path / "server.log").write_text("loading...\nerror: failed to open model file\n")
+
+    async def crash_soon():
+        await trio.sleep(1)
+        launcher.launched[0].exit(1)
+
+    nursery.start_soon(crash_soon)
+    with pytest.raises(StartupError, match="exit code 1.*failed to open model file"):
+        await supervisor.run()
+
+
+async def test_stop_escalates_from_sigterm_to_sigkill(tmp_path, autojump_clock):
+    launcher = FakeLauncher(obeys_sigterm=False, load_time=0)
+    supervisor = make_supervisor(tmp_path, launcher, stop_timeout=10)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(supervisor.run)
+        stopped_at = trio.current_time()
+        nursery.cancel_scope.cancel()
+    process = launcher.launched[0]
+    assert process.signals == [signal.SIGTERM, signal.SIGKILL]
+    assert process.returncode == -signal.SIGKILL
+    assert trio.current_time() - stopped_at == pytest.approx(10)
+    assert supervisor.state.status is Status.STOPPED
+
+
+async def test_terminate_returns_at_once_when_sigterm_is_obeyed(autojump_clock):
+    process = FakeProcess(1)
+    assert await terminate(process, grace=10) == -signal.SIGTERM
+    assert trio.current_time() == 0
+
+
+async def test_crash_is_seen_and_the_server_comes_back(tmp_path, autojump_clock, nursery):
+    launcher = FakeLauncher(load_time=1.0)
+    supervisor = make_supervisor(tmp_path, launcher)
+    await nursery.start(supervisor.run)
+    crashed_at = trio.current_time()
+    launcher.launched[0].exit(-signal.SIGSEGV)
+    await trio.testing.wait_all_tasks_blocked()
+    assert supervisor.state.status is Status.DOWN
+    assert supervisor.state.detail == "SIGSEGV"
+    await supervisor.state.wait_ready()
+    assert len(launcher.launched) == 2 and supervisor.state.generation == 2
+    assert trio.current_time() > crashed_at
