@@ -213,7 +213,8 @@ class App:
             "upstream": {"status": state.status.value, "generation": state.generation,
                          "pid": state.pid, "detail": state.detail},
             "queue": {"depth": self.channel.depth, "limit": self.channel.queue_limit,
-                      "in_flight": current.id if current else None},
+                      "in_flight": current.id if current else None,
+                      "max_in_flight": self.channel.max_in_flight},
             "requests": dict(self.counts),
         }
 
