@@ -388,3 +388,12 @@ async def test_twenty_mixed_clients_fifo_and_never_two_upstream_requests(nursery
     assert harness.channel.max_in_flight == 1
     assert [body["max_tokens"] for body in harness.upstream.requests] == real_order
     assert len(real_order) == 8
+
+
+async def test_max_tokens_cap_applies_to_forwarded_requests(nursery):
+    harness = await make_harness(nursery)
+    harness.app.max_tokens = 512
+    await harness.request("POST", "/v1/messages", main_turn(max_tokens=32000))
+    await harness.request("POST", "/v1/messages", main_turn(max_tokens=100))
+    assert [body["max_tokens"] for body in harness.upstream.requests] == [512, 100]
+    assert harness.upstream.requests[0]["tools"] == main_turn()["tools"]

@@ -151,6 +151,8 @@ class App:
     server: Server
     channel: SerialChannel
     model_name: str = "local-model"
+    #: Upper bound on forwarded max_tokens; 0 for none.
+    max_tokens: int = 0
     counts: dict[str, int] = attrs.field(factory=dict)
     _count_limiter: trio.CapacityLimiter = attrs.field(init=False)
 
@@ -237,6 +239,9 @@ class App:
         if request_class.is_background and self.config.triage.policy(request_class.value) == "synthesize":
             ex.facts["synth"] = True
             return await _synthesize(ex, request_class, body, stream)
+        requested = body.get("max_tokens")
+        if self.max_tokens and isinstance(requested, int) and requested > self.max_tokens:
+            raw = json.dumps({**body, "max_tokens": self.max_tokens}).encode()
         try:
             job = self.channel.submit(ex.id, raw, stream)
         except QueueFull:

@@ -67,6 +67,9 @@ class ServerConfig:
     #: Name reported by ``GET /v1/models``; empty means the model file's stem.
     model_name: str = ""
     ctx_size: int = attrs.field(default=0, validator=_not_negative)
+    #: Upper bound on a request's max_tokens; 0 leaves it to the client
+    #: (with the built-in demo model, 0 means 512).
+    max_tokens: int = attrs.field(default=0, validator=_not_negative)
     args: tuple[str, ...] = ()
     startup_timeout: float = attrs.field(default=600.0, validator=_positive)
     stop_timeout: float = attrs.field(default=10.0, validator=_positive)

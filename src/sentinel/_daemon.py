@@ -25,7 +25,7 @@ import trio
 from ._app import App
 from ._channel import SerialChannel
 from ._config import Config
-from ._locate import find_binary, find_model
+from ._locate import DEFAULT_MODEL_MAX_TOKENS, find_binary, find_model
 from ._supervisor import ExternalServer, Launcher, Supervisor, TrioLauncher
 
 __all__ = ["Daemon", "serve"]
@@ -75,7 +75,10 @@ async def serve(config: Config, *, launcher: Launcher | None = None,
                 task_status: trio.TaskStatus[Daemon] = trio.TASK_STATUS_IGNORED) -> None:
     server, model_name = build_server(config, launcher)
     channel = SerialChannel(server, queue_limit=config.channel.queue_limit)
-    app = App(config, server, channel, model_name=model_name)
+    max_tokens = config.server.max_tokens
+    if not max_tokens and config.server.mode == "supervise" and not config.server.model:
+        max_tokens = DEFAULT_MODEL_MAX_TOKENS
+    app = App(config, server, channel, model_name=model_name, max_tokens=max_tokens)
     stop_accepting = trio.Event()
 
     async with trio.open_nursery() as nursery:

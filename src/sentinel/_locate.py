@@ -19,6 +19,9 @@ from ._config import default_cache_dir
 __all__ = ["ServerBinary", "NotFound", "find_binary", "find_model"]
 
 DEFAULT_MODEL_FILE = "gemma-3-270m-q4_k_m.gguf"
+#: Gemma 3 270M rarely stops by itself, and Claude Code asks for up to 32000
+#: tokens: capped, a demo turn takes seconds instead of minutes.
+DEFAULT_MODEL_MAX_TOKENS = 512
 
 
 class NotFound(Exception):
