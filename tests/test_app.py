@@ -397,3 +397,18 @@ async def test_max_tokens_cap_applies_to_forwarded_requests(nursery):
     await harness.request("POST", "/v1/messages", main_turn(max_tokens=100))
     assert [body["max_tokens"] for body in harness.upstream.requests] == [512, 100]
     assert harness.upstream.requests[0]["tools"] == main_turn()["tools"]
+
+
+async def test_a_stale_kept_alive_connection_is_resent_once(harness):
+    calls = []
+
+    async def stale_once(request, body):
+        calls.append(1)
+        if len(calls) == 1:
+            raise httpx.RemoteProtocolError("Server disconnected without sending a response.")
+        return harness.upstream.default(body)
+
+    harness.upstream.script = stale_once
+    reply = await harness.request("POST", "/v1/messages", main_turn())
+    assert reply.status == 200 and [name for name, _ in reply.events()] == EVENT_NAMES
+    assert len(calls) == 2 and harness.server.failures == []

@@ -33,6 +33,7 @@ __all__ = ["Head", "Job", "QueueFull", "SerialChannel", "Server"]
 log = logging.getLogger("sentinel.channel")
 
 _JOB_BUFFER = 64  # events in flight between the worker and one client
+_STALE_CONNECTION = (httpx.RemoteProtocolError,)  # "disconnected without sending a response"
 
 
 class Server(Protocol):
@@ -128,26 +129,38 @@ class SerialChannel:
                 job.finish()
 
     async def _serve(self, job: Job) -> None:
-        await self.server.state.wait_ready()
-        self.in_flight += 1
-        self.max_in_flight = max(self.max_in_flight, self.in_flight)
-        try:
-            async with self.server.upstream.messages(job.body) as response:
-                content_type = response.headers.get("content-type", "")
-                await job.put(Head(response.status_code, content_type))
-                if response.status_code == 200 and content_type.startswith("text/event-stream"):
-                    await self._relay_events(job, response)
-                else:
-                    await job.put(await response.aread())
-        except trio.BrokenResourceError:
-            log.info("%s client left; upstream request closed", job.id)
-        except httpx.TransportError as e:
-            log.warning("%s upstream failed: %s", job.id, type(e).__name__)
-            self.server.report_failure(e)
-            await self._put_quietly(job, overloaded(
-                "The model server failed during this request; retry shortly.", retry_after=1))
-        finally:
-            self.in_flight -= 1
+        for attempt in (1, 2):
+            await self.server.state.wait_ready()
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+            answered = False
+            try:
+                async with self.server.upstream.messages(job.body) as response:
+                    answered = True
+                    content_type = response.headers.get("content-type", "")
+                    await job.put(Head(response.status_code, content_type))
+                    if response.status_code == 200 and content_type.startswith("text/event-stream"):
+                        await self._relay_events(job, response)
+                    else:
+                        await job.put(await response.aread())
+                return
+            except trio.BrokenResourceError:
+                log.info("%s client left; upstream request closed", job.id)
+                return
+            except httpx.TransportError as e:
+                if attempt == 1 and not answered and isinstance(e, _STALE_CONNECTION):
+                    # The server closed a kept-alive connection as we reused it:
+                    # nothing was processed, so sending again is safe.
+                    log.info("%s upstream connection was stale (%s); resending", job.id,
+                             type(e).__name__)
+                    continue
+                log.warning("%s upstream failed: %s", job.id, type(e).__name__)
+                self.server.report_failure(e)
+                await self._put_quietly(job, overloaded(
+                    "The model server failed during this request; retry shortly.", retry_after=1))
+                return
+            finally:
+                self.in_flight -= 1
 
     async def _relay_events(self, job: Job, response: httpx.Response) -> None:
         framer = _sse.EventFramer()

@@ -159,7 +159,9 @@ def free_port(host: str = "127.0.0.1") -> int:
 def server_argv(binary: Path | str, model: Path | str, config: ServerConfig,
                 port: int, api_key: str) -> list[str]:
     """The command line: defaults first, the user's args next, then what sentinel must own."""
-    argv = [str(binary), "--model", str(model), "--metrics", "--parallel", "1"]
+    # --threads-http: count_tokens (bounded) and /health run beside the one
+    # generation, and llama-server's default pool is as small as 3 threads.
+    argv = [str(binary), "--model", str(model), "--metrics", "--parallel", "1", "--threads-http", "8"]
     if config.ctx_size:
         argv += ["--ctx-size", str(config.ctx_size)]
     argv += list(config.args)
