@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import pathlib
+import signal
 from typing import Any, AsyncIterator, Awaitable, Callable
 
 import attrs
@@ -132,6 +134,66 @@ async def asgi_request(app: Any, method: str, path: str, body: bytes | dict | No
     return reply
 
 
+# -- a fake llama-server process and its launcher ------------------------------
+
+
+@attrs.define(eq=False)
+class FakeProcess:
+    pid: int
+    obeys_sigterm: bool = True
+    returncode: int | None = None
+    signals: list[int] = attrs.field(factory=list)
+    _exited: trio.Event = attrs.field(factory=trio.Event)
+
+    def exit(self, returncode: int) -> None:
+        if self.returncode is None:
+            self.returncode = returncode
+            self._exited.set()
+
+    async def wait(self) -> int:
+        await self._exited.wait()
+        return self.returncode
+
+    #: A hung process ignores everything but SIGKILL.
+    hung: bool = False
+
+    def send_signal(self, sig: int) -> None:
+        self.signals.append(sig)
+        if sig == signal.SIGKILL or (sig in (signal.SIGTERM, signal.SIGABRT) and self.obeys_sigterm
+                                     and not self.hung):
+            self.exit(-sig)
+
+
+@attrs.define(eq=False)
+class FakeLauncher:
+    obeys_sigterm: bool = True
+    launched: list[FakeProcess] = attrs.field(factory=list)
+    argv: list[list[str]] = attrs.field(factory=list)
+    #: Seconds each process takes to load; /health says 503 until then.
+    load_time: float = 2.0
+    started_at: list[float] = attrs.field(factory=list)
+
+    async def launch(self, argv, env, log_path):
+        process = FakeProcess(1000 + len(self.launched), self.obeys_sigterm)
+        self.launched.append(process)
+        self.argv.append(list(argv))
+        self.started_at.append(trio.current_time())
+        return process
+
+    @property
+    def current(self) -> FakeProcess:
+        return self.launched[-1]
+
+    def health(self, request: httpx.Request) -> httpx.Response:
+        if not self.launched or self.launched[-1].returncode is not None:
+            raise httpx.ConnectError("refused", request=request)
+        if self.launched[-1].hung:
+            raise httpx.ReadTimeout("no answer", request=request)
+        loading = trio.current_time() - self.started_at[-1] < self.load_time
+        return httpx.Response(503 if loading else 200)
+
+
+
 # -- a scripted upstream ------------------------------------------------------
 
 
@@ -173,6 +235,10 @@ class ScriptedStream(httpx.AsyncByteStream):
         for chunk in self.chunks:
             if isinstance(chunk, (int, float)):
                 await trio.sleep(chunk)
+            elif callable(chunk):
+                result = chunk()  # e.g. crash the server mid-stream
+                if inspect.isawaitable(result):
+                    await result
             else:
                 yield chunk
 
@@ -235,8 +301,20 @@ class FakeServer:
     state: ServerState = attrs.field(factory=lambda: ServerState(Status.READY, generation=1))
     failures: list[Exception] = attrs.field(factory=list)
 
+    completed: int = 0
+    crashed: bool = False
+
     def report_failure(self, error: Exception) -> None:
         self.failures.append(error)
+
+    def report_stall(self) -> None:
+        pass
+
+    def request_completed(self) -> None:
+        self.completed += 1
+
+    async def confirm_crash(self, generation: int) -> bool:
+        return self.crashed
 
 
 @attrs.define(eq=False)

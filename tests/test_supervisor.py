@@ -11,52 +11,7 @@ import trio.testing
 
 from sentinel._config import ServerConfig
 from sentinel._supervisor import StartupError, Status, Supervisor, server_argv, terminate
-
-
-@attrs.define(eq=False)
-class FakeProcess:
-    pid: int
-    obeys_sigterm: bool = True
-    returncode: int | None = None
-    signals: list[int] = attrs.field(factory=list)
-    _exited: trio.Event = attrs.field(factory=trio.Event)
-
-    def exit(self, returncode: int) -> None:
-        if self.returncode is None:
-            self.returncode = returncode
-            self._exited.set()
-
-    async def wait(self) -> int:
-        await self._exited.wait()
-        return self.returncode
-
-    def send_signal(self, sig: int) -> None:
-        self.signals.append(sig)
-        if sig == signal.SIGKILL or (sig == signal.SIGTERM and self.obeys_sigterm):
-            self.exit(-sig)
-
-
-@attrs.define(eq=False)
-class FakeLauncher:
-    obeys_sigterm: bool = True
-    launched: list[FakeProcess] = attrs.field(factory=list)
-    argv: list[list[str]] = attrs.field(factory=list)
-    #: Seconds each process takes to load; /health says 503 until then.
-    load_time: float = 2.0
-    started_at: list[float] = attrs.field(factory=list)
-
-    async def launch(self, argv, env, log_path):
-        process = FakeProcess(1000 + len(self.launched), self.obeys_sigterm)
-        self.launched.append(process)
-        self.argv.append(list(argv))
-        self.started_at.append(trio.current_time())
-        return process
-
-    def health(self, request: httpx.Request) -> httpx.Response:
-        if not self.launched or self.launched[-1].returncode is not None:
-            raise httpx.ConnectError("refused", request=request)
-        loading = trio.current_time() - self.started_at[-1] < self.load_time
-        return httpx.Response(503 if loading else 200)
+from conftest import FakeLauncher, FakeProcess
 
 
 def make_supervisor(tmp_path: Path, launcher: FakeLauncher, **config) -> Supervisor:

@@ -31,6 +31,7 @@ from . import _sse, _synth, _tokens
 from ._channel import Head, Job, QueueFull, SerialChannel, Server
 from ._config import Config
 from ._errors import ApiError, from_upstream, overloaded
+from ._supervisor import Status
 from ._triage import RequestClass, classify
 
 __all__ = ["App"]
@@ -153,6 +154,8 @@ class App:
     model_name: str = "local-model"
     #: Upper bound on forwarded max_tokens; 0 for none.
     max_tokens: int = 0
+    #: Shutting down: real requests are refused with a retryable error.
+    draining: bool = False
     counts: dict[str, int] = attrs.field(factory=dict)
     _count_limiter: trio.CapacityLimiter = attrs.field(init=False)
 
@@ -187,6 +190,12 @@ class App:
             return await ex.respond(200 if self.server.state.ready else 503, self.health())
         if route == ("GET", "/v1/models"):
             return await ex.respond(200, self._models())
+        if route == ("POST", "/sentinel/restart-server"):
+            restart = getattr(self.server, "restart_server", None)
+            if restart is None:
+                raise ApiError("invalid_request_error", "sentinel does not supervise the upstream.")
+            restart()
+            return await ex.respond(202, {"status": self.server.state.status.value})
         if ex.path in ("/v1/messages", "/v1/messages/count_tokens"):
             if ex.method != "POST":
                 raise ApiError("invalid_request_error", f"Method {ex.method} is not allowed on {ex.path}.",
@@ -242,6 +251,10 @@ class App:
         requested = body.get("max_tokens")
         if self.max_tokens and isinstance(requested, int) and requested > self.max_tokens:
             raw = json.dumps({**body, "max_tokens": self.max_tokens}).encode()
+        if self.draining:
+            raise overloaded("sentinel is shutting down; retry shortly.", retry_after=5)
+        if self.server.state.status is Status.FAILED:
+            raise ApiError("api_error", self.server.state.detail, status=503)
         try:
             job = self.channel.submit(ex.id, raw, stream)
         except QueueFull:
@@ -297,7 +310,7 @@ class App:
             deadline = trio.current_time() + interval
             if isinstance(item, ApiError):
                 raise item
-            if isinstance(item, Head):
+            if isinstance(item, Head):  # a replay after a crash sends another
                 head = item
                 if head.status == 200 and ex.status is None:
                     await ex.start_stream()

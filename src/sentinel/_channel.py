@@ -4,18 +4,27 @@ Invariant: **the upstream never sees two requests at once.** One worker task
 takes jobs in FIFO order and holds at most one upstream connection. Each job
 talks back to the front end through its own memory channel:
 
-    Head(status, content_type)   once, when the upstream answers
+    Head(status, content_type)   when the upstream answers
     bytes                        the body: whole SSE events, or one JSON body
     ApiError                     a failure, instead of or after the above
 
 A job whose client leaves while queued is removed from the queue. One whose
 client leaves in flight has its cancel scope cancelled, which closes the
 upstream connection so llama-server stops generating and frees its slot.
+
+**Replay.** When the server dies under a request, the worker keeps the job at
+the head of the queue, waits for the supervisor's restarted server, and sends
+it again, as long as no content has reached the client (pings and a
+``message_start`` don't count; the replay's duplicate ``message_start`` is
+dropped). After content, the stream ends with an ``overloaded_error`` event,
+which Claude Code retries. A request that crashes the server on
+``max_replays + 1`` tries is given up on, and its fingerprint quarantined.
 """
 
 from __future__ import annotations
 
 import collections
+import hashlib
 import logging
 from typing import Protocol
 
@@ -24,8 +33,11 @@ import httpx
 import trio
 
 from . import _sse
+from ._config import RecoveryConfig
 from ._errors import ApiError, overloaded
-from ._supervisor import ServerState
+from ._journal import Journal
+from ._restart import Quarantine
+from ._supervisor import ServerFailed, ServerState
 from ._upstream import Upstream
 
 __all__ = ["Head", "Job", "QueueFull", "SerialChannel", "Server"]
@@ -37,13 +49,22 @@ _STALE_CONNECTION = (httpx.RemoteProtocolError,)  # "disconnected without sendin
 
 
 class Server(Protocol):
-    """What the worker needs of a supervisor: its state and a client to it."""
+    """What the worker needs of a supervisor."""
 
     state: ServerState
     upstream: Upstream
 
     def report_failure(self, error: Exception) -> None:
-        """The worker saw a transport failure talking to the upstream."""
+        """A transport failure talking to the upstream."""
+
+    def report_stall(self) -> None:
+        """A request has had no bytes for ``stall_timeout``."""
+
+    def request_completed(self) -> None:
+        """A request completed: the server does useful work."""
+
+    async def confirm_crash(self, generation: int) -> bool:
+        """Is server ``generation`` dead (or being killed as hung)?"""
 
 
 @attrs.frozen
@@ -56,6 +77,15 @@ class QueueFull(Exception):
     pass
 
 
+class _UpstreamBroke(Exception):
+    """The upstream failed under a request (transport error or a cut stream)."""
+
+    def __init__(self, cause: Exception | str, answered: bool) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+        self.answered = answered
+
+
 @attrs.define(eq=False)
 class Job:
     id: str
@@ -64,26 +94,54 @@ class Job:
     #: Requests ahead of this one when it was queued, the one in flight included.
     position: int = 0
     state: str = "queued"  # queued, running, done
+    fingerprint: str = attrs.field(init=False)
+    attempt: int = 0
+    crashes: int = 0
+    bytes_sent: int = 0
+    #: Whether anything beyond message_start and pings has reached the client.
+    content_sent: bool = False
+    message_start_sent: bool = False
+    last_progress: float = 0.0
     cancel_scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
     _send: trio.MemorySendChannel = attrs.field(init=False)
     receive: trio.MemoryReceiveChannel = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
+        self.fingerprint = hashlib.sha256(self.body).hexdigest()
         self._send, self.receive = trio.open_memory_channel(_JOB_BUFFER)
 
     async def put(self, item: Head | bytes | ApiError) -> None:
         """Hand one item to the client; raises BrokenResourceError if it left."""
         await self._send.send(item)
+        if isinstance(item, bytes):
+            self.bytes_sent += len(item)
 
     def finish(self) -> None:
         self.state = "done"
         self._send.close()
+
+    def fail_now(self, error: ApiError) -> None:
+        """Stop this job and hand ``error`` to its client, whatever it was doing."""
+        try:
+            self._send.send_nowait(error)
+        except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
+            pass  # the client then sees its stream end without message_stop, and retries
+        self.cancel_scope.cancel()
+        self.finish()
+
+    def facts(self) -> dict[str, object]:
+        """What the journal records of the request in flight: no content."""
+        return {"request_id": self.id, "fingerprint": self.fingerprint, "attempt": self.attempt,
+                "bytes_sent": self.bytes_sent, "request_bytes": len(self.body)}
 
 
 @attrs.define(eq=False)
 class SerialChannel:
     server: Server
     queue_limit: int = 32
+    recovery: RecoveryConfig = attrs.field(factory=RecoveryConfig)
+    journal: Journal | None = None
+    quarantine: Quarantine = attrs.field(init=False)
     _queue: collections.deque[Job] = attrs.field(factory=collections.deque, init=False)
     _wakeup: trio.Event = attrs.field(factory=trio.Event, init=False)
     current: Job | None = attrs.field(default=None, init=False)
@@ -91,18 +149,33 @@ class SerialChannel:
     in_flight: int = attrs.field(default=0, init=False)
     max_in_flight: int = attrs.field(default=0, init=False)
 
+    def __attrs_post_init__(self) -> None:
+        self.quarantine = Quarantine(self.recovery.quarantine_seconds)
+
     @property
     def depth(self) -> int:
         """Jobs waiting, not counting the one in flight."""
         return len(self._queue)
 
+    def in_flight_facts(self) -> dict[str, object]:
+        return self.current.facts() if self.current is not None else {}
+
     def submit(self, job_id: str, body: bytes, stream: bool) -> Job:
         if len(self._queue) >= self.queue_limit:
             raise QueueFull
         job = Job(job_id, body, stream, position=len(self._queue) + (self.current is not None))
+        cause = self.quarantine.cause(job.fingerprint, trio.current_time())
+        if cause is not None:
+            raise _poisoned(cause, self.recovery.max_replays + 1, quarantined=True)
         self._queue.append(job)
         self._wakeup.set()
         return job
+
+    def fail_all(self, error: ApiError) -> None:
+        """Answer every job with ``error`` now: queued ones, and the one in flight."""
+        for job in [*self._queue, *([self.current] if self.current else [])]:
+            job.fail_now(error)
+        self._queue.clear()
 
     def abandon(self, job: Job) -> None:
         """The client left: drop the job if queued, cancel it if in flight."""
@@ -113,7 +186,12 @@ class SerialChannel:
             job.cancel_scope.cancel()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        task_status.started()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._watch_stalls)
+            task_status.started()
+            await self._work()
+
+    async def _work(self) -> None:
         while True:
             while not self._queue:
                 self._wakeup = trio.Event()
@@ -124,57 +202,145 @@ class SerialChannel:
             try:
                 with job.cancel_scope:
                     await self._serve(job)
+            except trio.BrokenResourceError:
+                log.info("%s client left; upstream request closed", job.id)
+            except Exception:
+                # One request's bug must not stop the worker that serves everyone.
+                log.exception("%s failed inside sentinel", job.id)
+                job.fail_now(ApiError("api_error", "Internal error in sentinel; see its log."))
             finally:
                 self.current = None
                 job.finish()
 
     async def _serve(self, job: Job) -> None:
-        for attempt in (1, 2):
-            await self.server.state.wait_ready()
-            self.in_flight += 1
-            self.max_in_flight = max(self.max_in_flight, self.in_flight)
-            answered = False
+        """Send ``job`` upstream until it completes, replaying it over crashes."""
+        stale_retry_used = False
+        replay_cause: str | None = None
+        while True:
             try:
-                async with self.server.upstream.messages(job.body) as response:
-                    answered = True
-                    content_type = response.headers.get("content-type", "")
-                    await job.put(Head(response.status_code, content_type))
-                    if response.status_code == 200 and content_type.startswith("text/event-stream"):
-                        await self._relay_events(job, response)
-                    else:
-                        await job.put(await response.aread())
-                return
-            except trio.BrokenResourceError:
-                log.info("%s client left; upstream request closed", job.id)
-                return
-            except httpx.TransportError as e:
-                if attempt == 1 and not answered and isinstance(e, _STALE_CONNECTION):
-                    # The server closed a kept-alive connection as we reused it:
-                    # nothing was processed, so sending again is safe.
-                    log.info("%s upstream connection was stale (%s); resending", job.id,
-                             type(e).__name__)
+                await self.server.state.wait_ready()
+            except ServerFailed as e:
+                return await job.put(ApiError("api_error", str(e), status=503))
+            generation = self.server.state.generation
+            job.attempt += 1
+            if replay_cause is not None:
+                self._journal("replay", **job.facts(), cause=replay_cause)
+                log.info("%s replaying after the server's %s (attempt %d)", job.id, replay_cause,
+                         job.attempt)
+            try:
+                await self._attempt(job)
+            except _UpstreamBroke as broke:
+                if (not broke.answered and not stale_retry_used
+                        and isinstance(broke.cause, _STALE_CONNECTION)):
+                    # A kept-alive connection closed as it was reused: resend once.
+                    stale_retry_used = True
+                    job.attempt -= 1
                     continue
-                log.warning("%s upstream failed: %s", job.id, type(e).__name__)
-                self.server.report_failure(e)
-                await self._put_quietly(job, overloaded(
-                    "The model server failed during this request; retry shortly.", retry_after=1))
-                return
-            finally:
-                self.in_flight -= 1
+                log.warning("%s upstream failed on attempt %d: %s", job.id, job.attempt,
+                            type(broke.cause).__name__ if isinstance(broke.cause, Exception) else broke)
+                self.server.report_failure(broke.cause if isinstance(broke.cause, Exception) else
+                                           RuntimeError(str(broke.cause)))
+                if job.content_sent:
+                    # Too late to replay: Claude Code retries an overloaded_error event.
+                    return await job.put(overloaded(
+                        "The model server failed mid-response; retry the request."))
+                if not await self.server.confirm_crash(generation):
+                    return await job.put(overloaded(
+                        "The model server dropped the request; retry shortly.", retry_after=1))
+                job.crashes += 1
+                replay_cause = self.server.state.detail or "crash"
+                if job.crashes > self.recovery.max_replays:
+                    return await self._give_up(job, replay_cause)
+                continue
+            self.server.request_completed()
+            return
 
-    async def _relay_events(self, job: Job, response: httpx.Response) -> None:
+    async def _attempt(self, job: Job) -> None:
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        answered = False
+        job.last_progress = trio.current_time()
+        try:
+            async with self.server.upstream.messages(job.body) as response:
+                answered = True
+                job.last_progress = trio.current_time()
+                content_type = response.headers.get("content-type", "")
+                head = Head(response.status_code, content_type)
+                if response.status_code == 200 and content_type.startswith("text/event-stream"):
+                    await self._relay_events(job, response, head)
+                else:
+                    body = await response.aread()  # whole, so a crash mid-body can be replayed
+                    await job.put(head)
+                    await job.put(body)
+        except httpx.TransportError as e:
+            raise _UpstreamBroke(e, answered) from None
+        finally:
+            self.in_flight -= 1
+
+    async def _relay_events(self, job: Job, response: httpx.Response, head: Head) -> None:
         framer = _sse.EventFramer()
         finished = False
+        # The 200 is handed on with the first event, not before: a server that
+        # dies before any event leaves the client's status uncommitted, so a
+        # poison request can still get its non-retryable HTTP error.
+        pending_head: Head | None = head
         async for chunk in response.aiter_raw():
+            job.last_progress = trio.current_time()
             for event in framer.feed(chunk):
-                finished = finished or _sse.event_name(event) in ("message_stop", "error")
+                name = _sse.event_name(event)
+                if name == "message_start":
+                    if job.message_start_sent:
+                        continue  # a replay's: the client already has one
+                    job.message_start_sent = True
+                elif name != "ping":
+                    job.content_sent = True
+                    finished = finished or name in ("message_stop", "error")
+                if pending_head is not None:
+                    await job.put(pending_head)
+                    pending_head = None
                 await job.put(event)
         if not finished:
-            await job.put(overloaded("The model server ended the stream early; retry shortly."))
+            raise _UpstreamBroke("the stream ended before message_stop", answered=True)
 
-    @staticmethod
-    async def _put_quietly(job: Job, item: ApiError) -> None:
-        try:
-            await job.put(item)
-        except trio.BrokenResourceError:
-            pass
+    async def _watch_stalls(self) -> None:
+        """A request with no bytes for ``stall_timeout``: ask the supervisor to probe.
+
+        A long prefill is silent too; the supervisor kills the server only if
+        its /health does not answer either.
+        """
+        timeout = self.recovery.stall_timeout
+        while True:
+            job = self.current
+            if job is None or not self.in_flight:
+                await trio.sleep(timeout)
+                continue
+            deadline = job.last_progress + timeout
+            if trio.current_time() >= deadline:  # one expression for both tests: no float drift
+                log.warning("%s no bytes for %.0f s; probing the server", job.id, timeout)
+                self.server.report_stall()
+                job.last_progress = trio.current_time()
+                deadline = job.last_progress + timeout
+            await trio.sleep_until(deadline)
+
+    async def _give_up(self, job: Job, cause: str) -> None:
+        tries = job.crashes
+        now = trio.current_time()
+        self.quarantine.add(job.fingerprint, cause, now)
+        reason = f"crashed the server {tries} times in a row ({cause})"
+        log.error("%s given up: %s; fingerprint %s quarantined for %.0f s", job.id, reason,
+                  job.fingerprint[:12], self.quarantine.duration)
+        self._journal("gave_up", reason=reason, **job.facts())
+        self._journal("quarantine", fingerprint=job.fingerprint, cause=cause,
+                      seconds=self.quarantine.duration, request_id=job.id)
+        await job.put(_poisoned(cause, tries))
+
+    def _journal(self, event: str, **fields: object) -> None:
+        if self.journal is not None:
+            self.journal.record(event, **fields)
+
+
+def _poisoned(cause: str, tries: int, quarantined: bool = False) -> ApiError:
+    detail = ("An identical request recently crashed the model server" if quarantined
+              else f"This request crashed the model server {tries} times in a row")
+    return ApiError("api_error", f"{detail} ({cause}); not retrying it.", status=500,
+                    should_retry=False)

@@ -91,6 +91,37 @@ class ChannelConfig:
 
 
 @attrs.frozen
+class RecoveryConfig:
+    """When llama-server dies or hangs: detection, restart, replay."""
+
+    #: Restart backoff: the first delay, doubling to the cap; back to the first
+    #: after this many seconds of healthy running.
+    backoff_initial: float = attrs.field(default=0.5, validator=_positive)
+    backoff_cap: float = attrs.field(default=30.0, validator=_positive)
+    backoff_reset_after: float = attrs.field(default=60.0, validator=_positive)
+    #: More than this many crashes within the window, with no request
+    #: completing, puts sentinel in the ``failed`` state.
+    crash_loop_max: int = attrs.field(default=5, validator=_positive)
+    crash_loop_window: float = attrs.field(default=120.0, validator=_positive)
+    #: While ``failed``, try starting the server again this often.
+    failed_retry_interval: float = attrs.field(default=300.0, validator=_positive)
+    #: Health probes while the server is ready: a hang is this many probes
+    #: in a row that time out or fail.
+    probe_interval: float = attrs.field(default=2.0, validator=_positive)
+    probe_timeout: float = attrs.field(default=2.0, validator=_positive)
+    hang_probes: int = attrs.field(default=3, validator=_positive)
+    #: A request that gets no bytes this long has its server probed at once.
+    stall_timeout: float = attrs.field(default=60.0, validator=_positive)
+    #: Seconds between SIGABRT (so the server can dump) and SIGKILL for a hang.
+    abort_grace: float = attrs.field(default=2.0, validator=_positive)
+    #: A request whose attempts crash the server max_replays + 1 times is given up on.
+    max_replays: int = attrs.field(default=2, validator=_not_negative)
+    quarantine_seconds: float = attrs.field(default=600.0, validator=_positive)
+    #: On SIGTERM/SIGINT, how long the in-flight request may take to finish.
+    shutdown_grace: float = attrs.field(default=30.0, validator=_positive)
+
+
+@attrs.frozen
 class TriageConfig:
     title: str = attrs.field(default="synthesize", validator=_one_of(*POLICIES))
     haiku: str = attrs.field(default="synthesize", validator=_one_of(*POLICIES))
@@ -118,6 +149,7 @@ class Config:
     listen: ListenConfig = ListenConfig()
     server: ServerConfig = ServerConfig()
     channel: ChannelConfig = ChannelConfig()
+    recovery: RecoveryConfig = RecoveryConfig()
     triage: TriageConfig = TriageConfig()
     count_tokens: CountTokensConfig = CountTokensConfig()
     log: LogConfig = LogConfig()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import signal
 from functools import partial
+from pathlib import Path
 from typing import Callable
 
 import attrs
@@ -24,7 +25,9 @@ import trio
 
 from ._app import App
 from ._channel import SerialChannel
-from ._config import Config
+from ._config import Config, ConfigError, ServerConfig
+from ._errors import overloaded
+from ._journal import Journal
 from ._locate import DEFAULT_MODEL_MAX_TOKENS, find_binary, find_model
 from ._supervisor import ExternalServer, Launcher, Supervisor, TrioLauncher
 
@@ -42,9 +45,11 @@ class Daemon:
     channel: SerialChannel
     app: App
     shutdown: Callable[[], None]
+    journal: Journal
 
 
-def build_server(config: Config, launcher: Launcher | None = None) -> tuple[Supervisor | ExternalServer, str]:
+def build_server(config: Config, journal: Journal,
+                 launcher: Launcher | None = None) -> tuple[Supervisor | ExternalServer, str]:
     """The supervisor (or the external upstream) and the model name to report."""
     if config.server.mode == "upstream":
         return ExternalServer(config.server), config.server.model_name or "local-model"
@@ -54,16 +59,40 @@ def build_server(config: Config, launcher: Launcher | None = None) -> tuple[Supe
     supervisor = Supervisor(
         config.server, binary.path, model, binary.environment(),
         log_path=config.state_path / "llama-server.log",
+        recovery=config.recovery,
+        journal=journal,
         launcher=launcher or TrioLauncher(),
+        pidfile=config.state_path / "llama-server.pid",
+        reload=_config_reloader(config),
     )
     return supervisor, config.server.model_name or model.stem
+
+
+def _config_reloader(config: Config) -> Callable[[], ServerConfig | None]:
+    """For the failed state: the new ``[server]`` section once the config file changes."""
+    path = Path(config.source) if config.source else None
+    seen = path.stat().st_mtime_ns if path and path.exists() else None
+
+    def reload() -> ServerConfig | None:
+        nonlocal seen
+        if path is None or not path.exists() or path.stat().st_mtime_ns == seen:
+            return None
+        seen = path.stat().st_mtime_ns
+        try:
+            return Config.from_toml(path).server
+        except ConfigError as e:
+            log.error("config changed but is invalid: %s", e)
+            return None
+
+    return reload
 
 
 def _hypercorn_config(config: Config) -> hypercorn.Config:
     hc = hypercorn.Config()
     host = config.listen.host
     hc.bind = [f"[{host}]:{config.listen.port}" if ":" in host else f"{host}:{config.listen.port}"]
-    hc.graceful_timeout = 30.0
+    # Past shutdown_grace sentinel answers the in-flight request itself; this is a backstop.
+    hc.graceful_timeout = config.recovery.shutdown_grace + 5.0
     hc.keep_alive_timeout = 75.0
     hc.accesslog = None
     hc.errorlog = logging.getLogger("hypercorn.error")
@@ -73,8 +102,12 @@ def _hypercorn_config(config: Config) -> hypercorn.Config:
 async def serve(config: Config, *, launcher: Launcher | None = None,
                 handle_signals: bool = False,
                 task_status: trio.TaskStatus[Daemon] = trio.TASK_STATUS_IGNORED) -> None:
-    server, model_name = build_server(config, launcher)
-    channel = SerialChannel(server, queue_limit=config.channel.queue_limit)
+    journal = Journal(config.state_path, clock=trio.current_time)
+    server, model_name = build_server(config, journal, launcher)
+    channel = SerialChannel(server, queue_limit=config.channel.queue_limit,
+                            recovery=config.recovery, journal=journal)
+    if isinstance(server, Supervisor):
+        server.in_flight = channel.in_flight_facts
     max_tokens = config.server.max_tokens
     if not max_tokens and config.server.mode == "supervise" and not config.server.model:
         max_tokens = DEFAULT_MODEL_MAX_TOKENS
@@ -89,8 +122,9 @@ async def serve(config: Config, *, launcher: Launcher | None = None,
         hc = _hypercorn_config(config)
         binds = await nursery.start(partial(
             _serve_front_end, app, hc, stop_accepting, nursery.cancel_scope))
+        nursery.start_soon(_drain, app, stop_accepting, config.recovery.shutdown_grace)
         url = binds[0]
-        task_status.started(Daemon(url, server, channel, app, stop_accepting.set))
+        task_status.started(Daemon(url, server, channel, app, stop_accepting.set, journal))
 
 
 async def _serve_front_end(app: App, hc: hypercorn.Config, stop_accepting: trio.Event,
@@ -99,6 +133,14 @@ async def _serve_front_end(app: App, hc: hypercorn.Config, stop_accepting: trio.
     await hypercorn.trio.serve(app, hc, shutdown_trigger=stop_accepting.wait, task_status=task_status)
     # The front end has drained: nothing can reach the upstream any more.
     everything.cancel()
+
+
+async def _drain(app: App, stop_accepting: trio.Event, grace: float) -> None:
+    """On shutdown: refuse new requests, give the one in flight ``grace``, then answer it."""
+    await stop_accepting.wait()
+    app.draining = True
+    await trio.sleep(grace)
+    app.channel.fail_all(overloaded("sentinel is shutting down; retry shortly.", retry_after=5))
 
 
 async def _on_signals(stop_accepting: trio.Event, everything: trio.CancelScope) -> None:
