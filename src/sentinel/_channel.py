@@ -102,6 +102,8 @@ class Job:
     content_sent: bool = False
     message_start_sent: bool = False
     last_progress: float = 0.0
+    attempt_generation: int = 0
+    attempt_scope: trio.CancelScope | None = None
     cancel_scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
     _send: trio.MemorySendChannel = attrs.field(init=False)
     receive: trio.MemoryReceiveChannel = attrs.field(init=False)
@@ -188,6 +190,7 @@ class SerialChannel:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._watch_stalls)
+            nursery.start_soon(self._watch_server)
             task_status.started()
             await self._work()
 
@@ -255,9 +258,36 @@ class SerialChannel:
             self.server.request_completed()
             return
 
+    async def _watch_server(self) -> None:
+        """End an attempt at once when its server is known to be gone.
+
+        A dead server's connection normally breaks by itself; this makes the
+        failure prompt whatever the socket does, so a mid-stream client gets
+        its error event within moments of the crash being seen.
+        """
+        state = self.server.state
+        while True:
+            await state.wait_changed()
+            job = self.current
+            if (job is not None and job.attempt_scope is not None
+                    and (state.generation != job.attempt_generation or not state.ready)):
+                job.attempt_scope.cancel()
+
     async def _attempt(self, job: Job) -> None:
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        job.attempt_generation = self.server.state.generation
+        job.attempt_scope = trio.CancelScope()
+        try:
+            with job.attempt_scope:
+                await self._send_once(job)
+            if job.attempt_scope.cancelled_caught:
+                raise _UpstreamBroke("the server went down", answered=True)
+        finally:
+            job.attempt_scope = None
+            self.in_flight -= 1
+
+    async def _send_once(self, job: Job) -> None:
         answered = False
         job.last_progress = trio.current_time()
         try:
@@ -274,8 +304,6 @@ class SerialChannel:
                     await job.put(body)
         except httpx.TransportError as e:
             raise _UpstreamBroke(e, answered) from None
-        finally:
-            self.in_flight -= 1
 
     async def _relay_events(self, job: Job, response: httpx.Response, head: Head) -> None:
         framer = _sse.EventFramer()

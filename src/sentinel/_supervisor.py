@@ -390,8 +390,7 @@ class Supervisor:
 
     async def _start(self) -> None:
         self.port = free_port()
-        self.upstream.base_url = f"http://127.0.0.1:{self.port}"
-        await self.upstream.aclose()
+        self.upstream.move(f"http://127.0.0.1:{self.port}")
         argv = server_argv(self.binary, self.model, self.config, self.port, self.api_key)
         self._process = await self.launcher.launch(argv, self.env, self.log_path)
         self._started_at = trio.current_time()
@@ -457,10 +456,10 @@ class Supervisor:
         self._journal("hang_kill", pid=process.pid, reason=reason, **self.in_flight())
         for sig in (signal.SIGABRT, signal.SIGCONT):  # SIGCONT: a stopped process must run to dump
             _signal(process, sig)
-        with trio.move_on_after(recovery.abort_grace):
-            await process.wait()
-            return
+        # _watch, the one task that waits for the process, cancels this once it exits.
+        await trio.sleep(recovery.abort_grace)
         _signal(process, signal.SIGKILL)
+        await trio.sleep_forever()
 
     async def _stop(self) -> None:
         await self.upstream.aclose()

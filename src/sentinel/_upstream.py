@@ -47,6 +47,14 @@ class Upstream:
             )
         return self._client
 
+    def move(self, base_url: str) -> None:
+        """Point at a restarted server. Requests in flight to the old one are not
+        disturbed (they fail on their own, as that server is gone), and the next
+        one connects to the new address."""
+        self.base_url = base_url
+        if self._client is not None:
+            self._client.base_url = base_url
+
     async def aclose(self) -> None:
         if self._client is not None:
             await self._client.aclose()
