@@ -28,6 +28,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
@@ -298,7 +299,6 @@ class Supervisor:
     # -- the lifecycle ---------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        stopping = False
         try:
             self._reap_orphan()
             await self._start()
@@ -306,15 +306,14 @@ class Supervisor:
             while True:
                 returncode = await self._watch()
                 await self._after_exit(returncode)
-        except trio.Cancelled:
-            stopping = True
-            raise
         finally:
             with trio.CancelScope(shield=True):
-                await self._stop()
+                running = self._process is not None and self._process.returncode is None
+                returncode = await self._stop()
                 self.state.set(Status.STOPPED)
-                if self.journal is not None and stopping:
-                    self.journal.record("stop", pid=self.state.pid)
+                if running:
+                    self._journal("stop", pid=self._process.pid, returncode=returncode,
+                                  uptime=round(trio.current_time() - self._started_at, 3))
 
     async def _watch(self) -> int:
         """Wait for the running server to exit (or be killed as hung)."""
@@ -461,14 +460,15 @@ class Supervisor:
         _signal(process, signal.SIGKILL)
         await trio.sleep_forever()
 
-    async def _stop(self) -> None:
+    async def _stop(self) -> int | None:
         await self.upstream.aclose()
-        process = self._process
+        process, returncode = self._process, None
         if process is not None and process.returncode is None:
             log.info("stopping llama-server pid %s", process.pid)
-            await terminate(process, self.config.stop_timeout)
+            returncode = await terminate(process, self.config.stop_timeout)
         if self.pidfile is not None:
             self.pidfile.unlink(missing_ok=True)
+        return returncode
 
     # -- process hygiene -----------------------------------------------------------
 
@@ -496,11 +496,9 @@ class Supervisor:
         if ours:
             log.warning("killing llama-server pid %s left by a previous sentinel", process.pid)
             process.terminate()
-            try:
-                process.wait(timeout=self.config.stop_timeout)
-            except psutil.TimeoutExpired:
+            if not _wait_dead(process, self.config.stop_timeout):
                 process.kill()
-                process.wait(timeout=self.config.stop_timeout)
+                _wait_dead(process, self.config.stop_timeout)
             self._journal("orphan_reaped", pid=process.pid, reason="left by a previous sentinel",
                           argv=redact(cmdline, None))
         self.pidfile.unlink(missing_ok=True)
@@ -517,6 +515,20 @@ def redact(argv: Sequence[str], api_key: str | None) -> list[str]:
         if arg == "--api-key":
             out[i + 1] = "<redacted>"
     return [a if api_key is None or a != api_key else "<redacted>" for a in out]
+
+
+def _wait_dead(process: psutil.Process, timeout: float) -> bool:
+    """Wait (blocking: this runs once, before anything else) until a process that is
+    not our child has exited; as it is not ours to reap, a zombie counts as dead."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if process.status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        time.sleep(0.05)
+    return False
 
 
 def _signal(process: Process, sig: int) -> None:

@@ -6,6 +6,7 @@ import json
 import os
 import select
 import signal
+import subprocess
 
 import httpx
 import httpx_sse
@@ -191,3 +192,96 @@ def test_killed_sentinel_takes_llama_server_with_it(tmp_path):
     assert readable, "llama-server outlived its SIGKILLed parent"
     # Dead: gone, or a zombie waiting for init to reap it (sentinel, its parent, is gone).
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+def _llama_server_binary() -> str:
+    from sentinel._locate import find_binary
+    return str(find_binary("").path), find_binary("").environment()
+
+
+def test_orphan_left_by_a_killed_sentinel_is_reaped_and_journaled(tmp_path):
+    from sentinel._supervisor import free_port
+    binary, env = _llama_server_binary()
+    port = free_port()
+    from sentinel._locate import find_model
+    orphan = subprocess.Popen([binary, "--model", str(find_model("")), "--host", "127.0.0.1",
+                               "--port", str(port), "--api-key", "old"],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    try:
+        state = tmp_path / "state"
+        state.mkdir()
+        (state / "llama-server.pid").write_text(json.dumps(
+            {"pid": orphan.pid, "binary": binary, "port": port}))
+        own = start_daemon(tmp_path)
+        assert orphan.wait(timeout=30) is not None  # killed by sentinel, reaped here
+        events = [json.loads(line) for line in (state / "journal.jsonl").read_text().splitlines()]
+        reaped = [e for e in events if e["event"] == "orphan_reaped"]
+        assert len(reaped) == 1 and reaped[0]["pid"] == orphan.pid
+        assert "old" not in json.dumps(reaped[0])  # the key is redacted
+        assert own.stop() == 0
+    finally:
+        if orphan.poll() is None:
+            orphan.kill()
+            orphan.wait()
+
+
+def test_an_unrelated_process_in_a_stale_pidfile_is_left_alone(tmp_path):
+    bystander = subprocess.Popen(["sleep", "60"])
+    try:
+        state = tmp_path / "state"
+        state.mkdir()
+        (state / "llama-server.pid").write_text(json.dumps(
+            {"pid": bystander.pid, "binary": "/usr/bin/llama-server", "port": 1234}))
+        own = start_daemon(tmp_path)
+        assert bystander.poll() is None
+        assert own.stop() == 0
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
+async def test_sigterm_lets_the_request_in_flight_finish(tmp_path):
+    own = start_daemon(tmp_path)
+    try:
+        async with client(own) as http:
+            async with trio.open_nursery() as nursery:
+                result = {}
+
+                async def ask():
+                    result["r"] = await http.post("/v1/messages", json=short_turn("Tell a story.", max_tokens=48))
+
+                nursery.start_soon(ask)
+                with trio.fail_after(30):
+                    while own.health()["queue"]["in_flight"] is None:
+                        await trio.sleep(0.02)
+                own.process.send_signal(signal.SIGTERM)
+        assert result["r"].status_code == 200 and result["r"].json()["type"] == "message"
+        assert own.process.wait(timeout=60) == 0
+    finally:
+        own.stop()
+    events = [json.loads(line)["event"] for line in (own.state_dir / "journal.jsonl").read_text().splitlines()]
+    assert events[-1] == "stop"
+
+
+async def test_sigterm_past_the_grace_answers_the_client_with_an_error(tmp_path):
+    own = start_daemon(tmp_path, "[recovery]\nshutdown_grace = 1.0\n")
+    try:
+        async with client(own) as http:
+            async with trio.open_nursery() as nursery:
+                result = {}
+
+                async def ask():
+                    result["events"] = await stream_events(
+                        http, short_turn("Write a very long story.", max_tokens=2000, stream=True))
+
+                nursery.start_soon(ask)
+                with trio.fail_after(30):
+                    while own.health()["queue"]["in_flight"] is None:
+                        await trio.sleep(0.02)
+                own.process.send_signal(signal.SIGTERM)
+        name, data = result["events"][-1]
+        assert (name, data["error"]["type"]) == ("error", "overloaded_error")
+        assert own.process.wait(timeout=60) == 0
+    finally:
+        own.stop()
