@@ -233,23 +233,25 @@ class SerialChannel:
             try:
                 await self._attempt(job)
             except _UpstreamBroke as broke:
-                if (not broke.answered and not stale_retry_used
-                        and isinstance(broke.cause, _STALE_CONNECTION)):
-                    # A kept-alive connection closed as it was reused: resend once.
-                    stale_retry_used = True
-                    job.attempt -= 1
-                    continue
+                cause = broke.cause if isinstance(broke.cause, Exception) else RuntimeError(str(broke))
                 log.warning("%s upstream failed on attempt %d: %s", job.id, job.attempt,
-                            type(broke.cause).__name__ if isinstance(broke.cause, Exception) else broke)
-                self.server.report_failure(broke.cause if isinstance(broke.cause, Exception) else
-                                           RuntimeError(str(broke.cause)))
+                            type(cause).__name__ if isinstance(broke.cause, Exception) else broke)
+                self.server.report_failure(cause)
+                crashed = await self.server.confirm_crash(generation)
+                if not crashed:
+                    if (not broke.answered and not stale_retry_used
+                            and isinstance(broke.cause, _STALE_CONNECTION)):
+                        # A kept-alive connection closed as it was reused, and the
+                        # server is fine: nothing was processed, so resend once.
+                        stale_retry_used = True
+                        job.attempt -= 1
+                        continue
+                    return await job.put(overloaded(
+                        "The model server dropped the request; retry shortly.", retry_after=1))
                 if job.content_sent:
                     # Too late to replay: Claude Code retries an overloaded_error event.
                     return await job.put(overloaded(
                         "The model server failed mid-response; retry the request."))
-                if not await self.server.confirm_crash(generation):
-                    return await job.put(overloaded(
-                        "The model server dropped the request; retry shortly.", retry_after=1))
                 job.crashes += 1
                 replay_cause = self.server.state.detail or "crash"
                 if job.crashes > self.recovery.max_replays:

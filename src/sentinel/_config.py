@@ -73,7 +73,7 @@ class ServerConfig:
     args: tuple[str, ...] = ()
     startup_timeout: float = attrs.field(default=600.0, validator=_positive)
     stop_timeout: float = attrs.field(default=10.0, validator=_positive)
-    health_interval: float = attrs.field(default=0.1, validator=_positive)
+    health_interval: float = attrs.field(default=0.02, validator=_positive)
 
     def __attrs_post_init__(self) -> None:
         if self.mode == "upstream" and not self.url:

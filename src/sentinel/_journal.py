@@ -30,7 +30,7 @@ JOURNAL_FILE = "journal.jsonl"
 
 
 def _now_iso() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).astimezone().isoformat(timespec="milliseconds")
+    return datetime.datetime.now(datetime.timezone.utc).astimezone().isoformat(timespec="microseconds")
 
 
 @attrs.define(eq=False)

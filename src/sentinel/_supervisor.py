@@ -282,7 +282,7 @@ class Supervisor:
         if self.state.generation != generation or not self.state.ready:
             return True
         self._probe_now.set()
-        with trio.move_on_after(1.0):
+        with trio.move_on_after(0.25):  # an exit is seen in milliseconds
             while self.state.generation == generation and self.state.ready:
                 await self.state.wait_changed()
             return True
