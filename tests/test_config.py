@@ -145,3 +145,12 @@ def test_missing_model(tmp_path, monkeypatch):
         find_model("", cache_dir=tmp_path)
     with pytest.raises(NotFound, match="does not exist"):
         find_model(str(tmp_path / "x.gguf"))
+
+
+@pytest.mark.parametrize("platform, marker", [("linux", "ExecStart="), ("macos", "<key>ProgramArguments</key>")])
+def test_service_file_runs_this_sentinel_at_boot(capsys, platform, marker):
+    assert main(["service", "--platform", platform]) == 0
+    text = capsys.readouterr().out
+    assert marker in text and "@SENTINEL@" not in text and "@LOG@" not in text
+    executable = sys.executable.rsplit("/", 1)[0] + "/sentinel"
+    assert executable in text

@@ -5,8 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import sys
 import time
+from importlib import resources
+from pathlib import Path
 from typing import Sequence
 
 import attrs
@@ -14,7 +17,7 @@ import httpx
 import trio
 
 from . import __version__
-from ._config import Config, ConfigError, load
+from ._config import Config, ConfigError, default_state_dir, load
 from ._daemon import Daemon, serve
 from ._journal import JOURNAL_FILE, format_table, last_crash_line, parse_since, read_events
 from ._locate import NotFound
@@ -50,6 +53,10 @@ def _parser() -> argparse.ArgumentParser:
     journal.add_argument("--follow", "-f", action="store_true", help="keep printing new events")
 
     commands.add_parser("status", parents=[common], help="the running daemon's state and the last crash")
+    service = commands.add_parser(
+        "service", help="print a systemd user unit (Linux) or launchd agent (macOS) that runs sentinel at boot")
+    service.add_argument("--platform", choices=["linux", "macos"],
+                         default="macos" if sys.platform == "darwin" else "linux")
     commands.add_parser("restart-server", parents=[common],
                         help="restart llama-server now, clearing a crash-loop failure")
     return parser
@@ -217,9 +224,23 @@ def _restart_server(args: argparse.Namespace) -> int:
     return 0
 
 
+def _service(args: argparse.Namespace) -> int:
+    name = "dev.sentinel.plist" if args.platform == "macos" else "sentinel.service"
+    template = (resources.files("sentinel") / "service" / name).read_text()
+    beside_python = Path(sys.executable).parent / "sentinel"  # the venv's console script
+    executable = str(beside_python) if beside_python.exists() else shutil.which("sentinel")
+    if executable is None:
+        print("sentinel: cannot find the `sentinel` executable to run at boot", file=sys.stderr)
+        return 1
+    log_path = default_state_dir() / "sentinel.log"
+    print(template.replace("@SENTINEL@", executable).replace("@LOG@", str(log_path)), end="")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    commands = {"up": _up, "journal": _journal, "status": _status, "restart-server": _restart_server}
+    commands = {"up": _up, "journal": _journal, "status": _status, "restart-server": _restart_server,
+                "service": _service}
     return commands[args.command](args)
 
 
