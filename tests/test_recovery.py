@@ -381,3 +381,46 @@ async def test_no_prompt_text_reaches_the_journal(nursery, tmp_path, autojump_cl
     text = (tmp_path / "journal.jsonl").read_text()
     assert secret not in text and "sk-ant-client-key" not in text
     assert rig.supervisor.api_key not in text
+
+
+async def test_a_config_change_clears_the_failed_state(nursery, tmp_path, autojump_clock):
+    rig = await make_rig(nursery, tmp_path, RecoveryConfig(crash_loop_max=1), load_time=0)
+    changed = []
+    rig.supervisor.reload = lambda: ServerConfig(ctx_size=4096) if changed else None
+    for _ in range(2):
+        await rig.supervisor.state.wait_ready()
+        rig.launcher.current.exit(-signal.SIGSEGV)
+        await trio.testing.wait_all_tasks_blocked()
+    assert rig.supervisor.state.status is Status.FAILED
+    await trio.sleep(30)
+    assert rig.supervisor.state.status is Status.FAILED  # nothing changed yet
+    changed.append(True)
+    while not rig.supervisor.state.ready:
+        await rig.supervisor.state.wait_changed()
+    assert trio.current_time() < 40  # not the 300 s slow retry
+    assert "--ctx-size" in rig.launcher.argv[-1]  # the new config is used
+
+
+def test_journal_and_status_commands(tmp_path, capsys):
+    from sentinel._cli import main
+    journal = Journal(tmp_path / "state")
+    journal.record("server_start", pid=1, model="/m/gemma.gguf")
+    journal.record("ready", pid=1, load_seconds=1.0)
+    journal.record("crash", pid=1, returncode=-11, signal="SIGSEGV", uptime=42.0,
+                   request_id="req_abc", stderr_tail="ggml_abort: boom\n")
+    config = tmp_path / "sentinel.toml"
+    config.write_text(f'state_dir = "{tmp_path / "state"}"\n[listen]\nport = 1\n')
+
+    assert main(["journal", "--config", str(config)]) == 0
+    table = capsys.readouterr().out
+    assert "crash" in table and "SIGSEGV" in table and "req_abc" in table and "42.0s" in table
+    assert main(["journal", "--config", str(config), "--json", "--since", "1h"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [json.loads(line)["event"] for line in lines] == ["server_start", "ready", "crash"]
+    assert main(["journal", "--config", str(config), "--since", "2999-01-01T00:00:00"]) == 0
+    assert "no events" in capsys.readouterr().out
+
+    assert main(["status", "--config", str(config)]) == 3  # nothing listens on port 1
+    out = capsys.readouterr().out
+    assert "not running" in out
+    assert "last crash:" in out and "SIGSEGV" in out and "req_abc" in out

@@ -191,6 +191,7 @@ class App:
         if route == ("GET", "/v1/models"):
             return await ex.respond(200, self._models())
         if route == ("POST", "/sentinel/restart-server"):
+            self._authenticate(ex)
             restart = getattr(self.server, "restart_server", None)
             if restart is None:
                 raise ApiError("invalid_request_error", "sentinel does not supervise the upstream.")
@@ -240,9 +241,9 @@ class App:
     async def _messages(self, ex: Exchange, raw: bytes, body: dict[str, Any]) -> None:
         request_class = classify(body)
         stream = body.get("stream") is True
+        fingerprint = hashlib.sha256(raw).hexdigest()
         ex.facts.update(cls=request_class.value, model=body.get("model"),
-                        tools=len(body.get("tools") or []), bytes=len(raw),
-                        fp=hashlib.sha256(raw).hexdigest()[:12],
+                        tools=len(body.get("tools") or []), bytes=len(raw), fp=fingerprint[:12],
                         session=ex.header(b"x-claude-code-session-id"))
         self.counts[request_class.value] = self.counts.get(request_class.value, 0) + 1
         if request_class.is_background and self.config.triage.policy(request_class.value) == "synthesize":

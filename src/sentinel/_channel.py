@@ -94,7 +94,8 @@ class Job:
     #: Requests ahead of this one when it was queued, the one in flight included.
     position: int = 0
     state: str = "queued"  # queued, running, done
-    fingerprint: str = attrs.field(init=False)
+    #: sha256 of the body: how the journal and the quarantine know a request.
+    fingerprint: str = ""
     attempt: int = 0
     crashes: int = 0
     bytes_sent: int = 0
@@ -109,7 +110,6 @@ class Job:
     receive: trio.MemoryReceiveChannel = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
-        self.fingerprint = hashlib.sha256(self.body).hexdigest()
         self._send, self.receive = trio.open_memory_channel(_JOB_BUFFER)
 
     async def put(self, item: Head | bytes | ApiError) -> None:
@@ -162,10 +162,11 @@ class SerialChannel:
     def in_flight_facts(self) -> dict[str, object]:
         return self.current.facts() if self.current is not None else {}
 
-    def submit(self, job_id: str, body: bytes, stream: bool) -> Job:
+    def submit(self, job_id: str, body: bytes, stream: bool, fingerprint: str | None = None) -> Job:
         if len(self._queue) >= self.queue_limit:
             raise QueueFull
-        job = Job(job_id, body, stream, position=len(self._queue) + (self.current is not None))
+        job = Job(job_id, body, stream, position=len(self._queue) + (self.current is not None),
+                  fingerprint=fingerprint or hashlib.sha256(body).hexdigest())
         cause = self.quarantine.cause(job.fingerprint, trio.current_time())
         if cause is not None:
             raise _poisoned(cause, self.recovery.max_replays + 1, quarantined=True)

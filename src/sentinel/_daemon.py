@@ -116,7 +116,7 @@ async def serve(config: Config, *, launcher: Launcher | None = None,
 
     async with trio.open_nursery() as nursery:
         if handle_signals:
-            nursery.start_soon(_on_signals, stop_accepting, nursery.cancel_scope)
+            nursery.start_soon(_on_signals, app, stop_accepting, nursery.cancel_scope)
         await nursery.start(server.run)
         await nursery.start(channel.run)
         hc = _hypercorn_config(config)
@@ -143,7 +143,7 @@ async def _drain(app: App, stop_accepting: trio.Event, grace: float) -> None:
     app.channel.fail_all(overloaded("sentinel is shutting down; retry shortly.", retry_after=5))
 
 
-async def _on_signals(stop_accepting: trio.Event, everything: trio.CancelScope) -> None:
+async def _on_signals(app: App, stop_accepting: trio.Event, everything: trio.CancelScope) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async for signum in signals:
             if not stop_accepting.is_set():
@@ -151,5 +151,8 @@ async def _on_signals(stop_accepting: trio.Event, everything: trio.CancelScope) 
                 stop_accepting.set()
             else:
                 log.info("%s again: stopping now", signal.Signals(signum).name)
+                # Even now, no client is left without an answer.
+                app.channel.fail_all(overloaded("sentinel is stopping; retry shortly.", retry_after=5))
+                await trio.sleep(0.2)  # for the handlers to write it
                 everything.cancel()
                 return

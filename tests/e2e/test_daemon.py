@@ -285,3 +285,31 @@ async def test_sigterm_past_the_grace_answers_the_client_with_an_error(tmp_path)
         assert own.process.wait(timeout=60) == 0
     finally:
         own.stop()
+
+
+async def test_a_second_signal_stops_at_once_and_still_answers(tmp_path):
+    own = start_daemon(tmp_path)  # shutdown_grace is 30 s
+    try:
+        async with client(own) as http:
+            async with trio.open_nursery() as nursery:
+                result = {}
+
+                async def ask():
+                    result["events"] = await stream_events(
+                        http, short_turn("Write a very long story.", max_tokens=2000, stream=True))
+
+                nursery.start_soon(ask)
+                with trio.fail_after(30):
+                    while own.health()["queue"]["in_flight"] is None:
+                        await trio.sleep(0.02)
+                own.process.send_signal(signal.SIGTERM)
+                await trio.sleep(0.5)
+                own.process.send_signal(signal.SIGINT)
+                with trio.fail_after(15):  # far less than the 30 s grace
+                    while own.process.poll() is None:
+                        await trio.sleep(0.05)
+        name, data = result["events"][-1]
+        assert (name, data["error"]["type"]) == ("error", "overloaded_error")
+        assert own.process.returncode == 0
+    finally:
+        own.stop()
