@@ -16,7 +16,7 @@ import trio.testing
 from sentinel._config import ChannelConfig, Config, CountTokensConfig, ListenConfig, TriageConfig
 from sentinel._supervisor import Status
 from conftest import (Reply, ScriptedUpstream, captured_body, json_message, main_turn, make_harness,
-                      stream_events, title_request)
+                      sse, stream_events, title_request)
 
 EVENT_NAMES = ["message_start", "content_block_start", "content_block_delta", "content_block_stop",
                "message_delta", "message_stop"]
@@ -393,10 +393,21 @@ async def test_twenty_mixed_clients_fifo_and_never_two_upstream_requests(nursery
 async def test_max_tokens_cap_applies_to_forwarded_requests(nursery):
     harness = await make_harness(nursery)
     harness.app.max_tokens = 512
-    await harness.request("POST", "/v1/messages", main_turn(max_tokens=32000))
-    await harness.request("POST", "/v1/messages", main_turn(max_tokens=100))
+
+    async def cut_at_limit(request, body):
+        stop = sse("message_delta", {"type": "message_delta", "delta": {"stop_reason": "max_tokens"},
+                                     "usage": {"output_tokens": body["max_tokens"]}})
+        events = stream_events()
+        return harness.upstream.respond(200, [*events[:4], stop, events[5]], "text/event-stream")
+
+    harness.upstream.script = cut_at_limit
+    capped = await harness.request("POST", "/v1/messages", main_turn(max_tokens=32000))
+    uncapped = await harness.request("POST", "/v1/messages", main_turn(max_tokens=100))
     assert [body["max_tokens"] for body in harness.upstream.requests] == [512, 100]
     assert harness.upstream.requests[0]["tools"] == main_turn()["tools"]
+    # Our cap ended the turn, not the client's limit; the client's own limit is reported as is.
+    assert capped.events()[4][1]["delta"]["stop_reason"] == "end_turn"
+    assert uncapped.events()[4][1]["delta"]["stop_reason"] == "max_tokens"
 
 
 async def test_a_stale_kept_alive_connection_is_resent_once(harness):

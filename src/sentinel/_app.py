@@ -61,6 +61,14 @@ class Exchange:
     streaming: bool = False
     finished: bool = False
     facts: dict[str, Any] = attrs.field(factory=dict)
+    rewrite_stop: bool = False
+
+    def rewritten(self, data: bytes) -> bytes:
+        """``data`` with a ``max_tokens`` stop turned into ``end_turn``, when sentinel capped it."""
+        if self.rewrite_stop and b'"max_tokens"' in data and b"stop_reason" in data:
+            return data.replace(b'"stop_reason":"max_tokens"', b'"stop_reason":"end_turn"').replace(
+                b'"stop_reason": "max_tokens"', b'"stop_reason": "end_turn"')
+        return data
 
     @property
     def method(self) -> str:
@@ -250,19 +258,24 @@ class App:
             ex.facts["synth"] = True
             return await _synthesize(ex, request_class, body, stream)
         requested = body.get("max_tokens")
-        if self.max_tokens and isinstance(requested, int) and requested > self.max_tokens:
+        capped = bool(self.max_tokens and isinstance(requested, int) and requested > self.max_tokens)
+        if capped:
             raw = json.dumps({**body, "max_tokens": self.max_tokens}).encode()
+            fingerprint = hashlib.sha256(raw).hexdigest()
         if self.draining:
             raise overloaded("sentinel is shutting down; retry shortly.", retry_after=5)
         if self.server.state.status is Status.FAILED:
             raise ApiError("api_error", self.server.state.detail, status=503)
         try:
-            job = self.channel.submit(ex.id, raw, stream)
+            job = self.channel.submit(ex.id, raw, stream, fingerprint)
         except QueueFull:
             retry = self.config.channel.retry_after
             raise overloaded(f"sentinel's queue is full ({self.channel.queue_limit} waiting); "
                              "retry shortly.", retry_after=retry) from None
         ex.facts["queue"] = job.position
+        # Stopping at sentinel's own cap is not the client's max_tokens: report it
+        # as the end of the turn, or Claude Code says its 32000-token limit was hit.
+        ex.rewrite_stop = capped
         error: ApiError | None = None
         try:
             async with trio.open_nursery() as nursery:
@@ -288,7 +301,7 @@ class App:
                 continue
             if head is None or head.status != 200:
                 raise from_upstream(head.status if head else 502, item)
-            return await ex.respond(200, item, [(b"content-type", head.content_type.encode())])
+            return await ex.respond(200, ex.rewritten(item), [(b"content-type", head.content_type.encode())])
         raise overloaded("The model server gave no response; retry shortly.")
 
     async def _relay_stream(self, ex: Exchange, job: Job) -> None:
@@ -318,7 +331,7 @@ class App:
                 continue
             if head is None or head.status != 200:
                 raise from_upstream(head.status if head else 502, item)
-            await ex.body(item, more=True)
+            await ex.body(ex.rewritten(item), more=True)
         if ex.status is None:
             raise overloaded("The model server gave no response; retry shortly.")
         await ex.body(b"")
