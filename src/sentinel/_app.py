@@ -288,6 +288,8 @@ class App:
         finally:
             self.channel.abandon(job)
             job.receive.close()
+            if job.attempt > 1:
+                ex.facts["attempts"] = job.attempt  # replayed over a crash
         if error is not None:
             raise error
 

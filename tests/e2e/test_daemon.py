@@ -313,3 +313,29 @@ async def test_a_second_signal_stops_at_once_and_still_answers(tmp_path):
         assert own.process.returncode == 0
     finally:
         own.stop()
+
+
+async def test_upstream_mode_fronts_a_server_it_does_not_own(tmp_path):
+    from sentinel._locate import find_model
+    from sentinel._supervisor import free_port
+    binary, env = _llama_server_binary()
+    port = free_port()
+    server = subprocess.Popen([binary, "--model", str(find_model("")), "--host", "127.0.0.1",
+                               "--port", str(port), "--api-key", "theirs", "--parallel", "1"],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        own = start_daemon(tmp_path, '[server]\nupstream_api_key = "theirs"\n',
+                           args=("--upstream", f"http://127.0.0.1:{port}"))
+        try:
+            assert own.health()["upstream"]["pid"] is None  # not ours
+            async with client(own) as http:
+                response = await http.post("/v1/messages", json=short_turn("Say hi."))
+                assert response.status_code == 200 and response.json()["type"] == "message"
+                count = await http.post("/v1/messages/count_tokens", json=short_turn("Say hi."))
+                assert count.json()["input_tokens"] > 0
+        finally:
+            assert own.stop() == 0
+        assert server.poll() is None  # sentinel leaves a server it does not own running
+    finally:
+        server.terminate()
+        server.wait()
