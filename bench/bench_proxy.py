@@ -184,14 +184,17 @@ def table(results: dict) -> str:
     return "\n".join(f"| {name.ljust(width)} | {value} |" for name, value in rows)
 
 
-async def main(n: int) -> None:
+async def main(n: int, threads: int | None) -> None:
     tmp = tempfile.mkdtemp(prefix="sentinel-bench-")
+    server_args = f'[server]\nargs = ["--threads", "{threads}"]\n' if threads else ""
     if True:
-        daemon = start_daemon(pathlib.Path(tmp), extra_config="[channel]\nqueue_limit = 128\n")
+        daemon = start_daemon(pathlib.Path(tmp),
+                              extra_config="[channel]\nqueue_limit = 128\n" + server_args)
         try:
             direct_url, key, _ = daemon.upstream()
             results = {
                 "n": n,
+                "llama_server_threads": threads,
                 "streaming": await bench_streaming(daemon.url, direct_url, key, n),
                 "synthesized": await bench_synthesized(daemon.url, n),
                 "memory": await bench_memory(daemon.url, daemon.process.pid),
@@ -207,4 +210,6 @@ async def main(n: int) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--n", type=int, default=30)
-    trio.run(main, parser.parse_args().n)
+    parser.add_argument("--threads", type=int, help="llama-server --threads (default: its own)")
+    args = parser.parse_args()
+    trio.run(main, args.n, args.threads)
