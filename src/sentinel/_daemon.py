@@ -44,7 +44,6 @@ class Daemon:
     server: Supervisor | ExternalServer
     channel: SerialChannel
     app: App
-    shutdown: Callable[[], None]
     journal: Journal
 
 
@@ -124,7 +123,7 @@ async def serve(config: Config, *, launcher: Launcher | None = None,
             _serve_front_end, app, hc, stop_accepting, nursery.cancel_scope))
         nursery.start_soon(_drain, app, stop_accepting, config.recovery.shutdown_grace)
         url = binds[0]
-        task_status.started(Daemon(url, server, channel, app, stop_accepting.set, journal))
+        task_status.started(Daemon(url, server, channel, app, journal))
 
 
 async def _serve_front_end(app: App, hc: hypercorn.Config, stop_accepting: trio.Event,

@@ -137,14 +137,17 @@ class Faults:
             self.injected += 1
         return pid
 
-    async def wait_ready(self, not_pid: int | None = None, timeout: float = 60) -> None:
+    async def wait_for_health(self, predicate, timeout: float = 60, poll: float = 0.02) -> dict:
+        """Poll sentinel's health (there is no event to wait on across processes)."""
         with trio.fail_after(timeout):
-            while True:
-                health = self.daemon.health()
-                if health["status"] == "ok" and health["upstream"]["pid"] != not_pid:
-                    self.pids.add(health["upstream"]["pid"])
-                    return
-                await trio.sleep(0.05)
+            while not predicate(health := self.daemon.health()):
+                await trio.sleep(poll)
+        self.pids.add(health["upstream"]["pid"])
+        return health
+
+    async def wait_ready(self, not_pid: int | None = None, timeout: float = 60) -> None:
+        await self.wait_for_health(
+            lambda h: h["status"] == "ok" and h["upstream"]["pid"] != not_pid, timeout)
 
     async def wait_processing(self, timeout: float = 30) -> None:
         """Until llama-server is working on a request (prefill has begun)."""
@@ -211,9 +214,7 @@ async def test_fault_with_a_request_queued(broken):
         nursery.start_soon(send, http, turn(long_prompt(), stream=False), ledger)
         await broken.wait_processing()
         nursery.start_soon(send, http, turn("Say hi.", stream=True), ledger)
-        with trio.fail_after(10):
-            while broken.daemon.health()["queue"]["depth"] < 1:
-                await trio.sleep(0.02)
+        await broken.wait_for_health(lambda h: h["queue"]["depth"] >= 1, timeout=10)
         broken.inject(signal.SIGSEGV)
     assert [o.kind for o in ledger.outcomes] == ["ok", "ok"]
     broken.assert_one_crash_per_fault()
@@ -242,12 +243,9 @@ async def test_fault_mid_stream_ends_with_overloaded_error(broken):
 async def test_fault_during_model_load(broken):
     await broken.wait_ready()
     first = broken.inject(signal.SIGKILL)
-    with trio.fail_after(30):  # catch the restarted server while it loads
-        while True:
-            health = broken.daemon.health()
-            if health["upstream"]["pid"] != first and health["upstream"]["status"] == "starting":
-                break
-            await trio.sleep(0.005)
+    health = await broken.wait_for_health(  # catch the restarted server while it loads
+        lambda h: h["upstream"]["pid"] != first and h["upstream"]["status"] == "starting",
+        timeout=30, poll=0.005)
     broken.inject(signal.SIGSEGV, health["upstream"]["pid"])
     await broken.wait_ready(not_pid=health["upstream"]["pid"])
     ledger = Ledger()
