@@ -55,6 +55,30 @@ class Daemon:
         return self.process.wait(timeout=timeout)
 
 
+_started: list[Daemon] = []
+
+
+@pytest.fixture(autouse=True)
+def stop_leftover_daemons():
+    """A test that fails before stopping its daemon must not leave it (and its
+    llama-server) running: stop whatever a test started and left behind."""
+    yield
+    while _started:
+        daemon = _started.pop()
+        if daemon.process.poll() is None:
+            try:
+                daemon.stop(timeout=30)
+            except subprocess.TimeoutExpired:
+                daemon.process.kill()
+                daemon.process.wait()
+
+
+def shared(daemon: Daemon) -> Daemon:
+    """A daemon for a whole module or session: its fixture stops it, not each test."""
+    _started.remove(daemon)
+    return daemon
+
+
 def start_daemon(tmp: pathlib.Path, extra_config: str = "", args: tuple[str, ...] = ()) -> Daemon:
     tmp.mkdir(parents=True, exist_ok=True)
     config = tmp / "sentinel.toml"
@@ -75,7 +99,9 @@ def start_daemon(tmp: pathlib.Path, extra_config: str = "", args: tuple[str, ...
             output += chunk
             match = re.search(rb"export ANTHROPIC_BASE_URL=(\S+)", output)
             if match:
-                return Daemon(process, match.group(1).decode(), tmp / "state", log_path)
+                daemon = Daemon(process, match.group(1).decode(), tmp / "state", log_path)
+                _started.append(daemon)
+                return daemon
         elif process.poll() is not None:
             break
     process.kill()
@@ -85,6 +111,6 @@ def start_daemon(tmp: pathlib.Path, extra_config: str = "", args: tuple[str, ...
 
 @pytest.fixture(scope="session")
 def daemon(tmp_path_factory):
-    daemon = start_daemon(tmp_path_factory.mktemp("daemon"))
+    daemon = shared(start_daemon(tmp_path_factory.mktemp("daemon")))
     yield daemon
     daemon.stop()

@@ -16,7 +16,7 @@ import trio
 
 from sentinel._upstream import parse_metrics
 from conftest import capture, main_turn, title_request
-from daemon_helpers import daemon, start_daemon  # noqa: F401 - fixture
+from daemon_helpers import daemon, start_daemon, stop_leftover_daemons  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.e2e
 

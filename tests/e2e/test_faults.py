@@ -19,7 +19,7 @@ import psutil
 import pytest
 import trio
 
-from daemon_helpers import start_daemon
+from daemon_helpers import shared, start_daemon, stop_leftover_daemons  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.e2e
 
@@ -161,7 +161,7 @@ class Faults:
 
 @pytest.fixture(scope="module")
 def broken(tmp_path_factory):
-    daemon = start_daemon(tmp_path_factory.mktemp("faults"), FAST_RECOVERY)
+    daemon = shared(start_daemon(tmp_path_factory.mktemp("faults"), FAST_RECOVERY))
     faults = Faults(daemon)
     yield faults
     assert daemon.stop() == 0
