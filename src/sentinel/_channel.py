@@ -45,7 +45,6 @@ __all__ = ["Head", "Job", "QueueFull", "SerialChannel", "Server"]
 log = logging.getLogger("sentinel.channel")
 
 _JOB_BUFFER = 64  # events in flight between the worker and one client
-_STALE_CONNECTION = (httpx.RemoteProtocolError,)  # "disconnected without sending a response"
 
 
 class Server(Protocol):
@@ -80,10 +79,9 @@ class QueueFull(Exception):
 class _UpstreamBroke(Exception):
     """The upstream failed under a request (transport error or a cut stream)."""
 
-    def __init__(self, cause: Exception | str, answered: bool) -> None:
+    def __init__(self, cause: Exception | str) -> None:
         super().__init__(str(cause))
         self.cause = cause
-        self.answered = answered
 
 
 @attrs.define(eq=False)
@@ -218,7 +216,6 @@ class SerialChannel:
 
     async def _serve(self, job: Job) -> None:
         """Send ``job`` upstream until it completes, replaying it over crashes."""
-        stale_retry_used = False
         replay_cause: str | None = None
         while True:
             try:
@@ -240,13 +237,8 @@ class SerialChannel:
                 self.server.report_failure(cause)
                 crashed = await self.server.confirm_crash(generation)
                 if not crashed:
-                    if (not broke.answered and not stale_retry_used
-                            and isinstance(broke.cause, _STALE_CONNECTION)):
-                        # A kept-alive connection closed as it was reused, and the
-                        # server is fine: nothing was processed, so resend once.
-                        stale_retry_used = True
-                        job.attempt -= 1
-                        continue
+                    # Every request has a connection of its own, so this is the
+                    # server's doing, not a kept-alive connection gone stale.
                     return await job.put(overloaded(
                         "The model server dropped the request; retry shortly.", retry_after=1))
                 if job.content_sent:
@@ -285,17 +277,15 @@ class SerialChannel:
             with job.attempt_scope:
                 await self._send_once(job)
             if job.attempt_scope.cancelled_caught:
-                raise _UpstreamBroke("the server went down", answered=True)
+                raise _UpstreamBroke("the server went down")
         finally:
             job.attempt_scope = None
             self.in_flight -= 1
 
     async def _send_once(self, job: Job) -> None:
-        answered = False
         job.last_progress = trio.current_time()
         try:
             async with self.server.upstream.messages(job.body) as response:
-                answered = True
                 job.last_progress = trio.current_time()
                 content_type = response.headers.get("content-type", "")
                 head = Head(response.status_code, content_type)
@@ -306,7 +296,7 @@ class SerialChannel:
                     await job.put(head)
                     await job.put(body)
         except httpx.TransportError as e:
-            raise _UpstreamBroke(e, answered) from None
+            raise _UpstreamBroke(e) from None
 
     async def _relay_events(self, job: Job, response: httpx.Response, head: Head) -> None:
         framer = _sse.EventFramer()
@@ -331,7 +321,7 @@ class SerialChannel:
                     pending_head = None
                 await job.put(event)
         if not finished:
-            raise _UpstreamBroke("the stream ended before message_stop", answered=True)
+            raise _UpstreamBroke("the stream ended before message_stop")
 
     async def _watch_stalls(self) -> None:
         """A request with no bytes for ``stall_timeout``: ask the supervisor to probe.
