@@ -63,6 +63,25 @@ async def test_events_are_forwarded_as_they_arrive_not_buffered(nursery, autojum
     assert times == [0, 5, 5, 10, 10, 10]
 
 
+async def test_events_read_together_are_written_together_and_never_split(nursery, autojump_clock):
+    upstream = ScriptedUpstream()
+    events = stream_events()
+    delta = events[2]
+
+    async def chunked(request, body):
+        # message_start and content_block_start in one read, as llama-server sends
+        # them; a delta split across two reads 5 s apart; the rest in one read.
+        return upstream.respond(200, [events[0] + events[1], delta[:20], 5.0, delta[20:],
+                                      b"".join(events[3:])], "text/event-stream")
+
+    upstream.script = chunked
+    harness = await make_harness(nursery, upstream=upstream)
+    start = trio.current_time()
+    reply = await harness.request("POST", "/v1/messages", main_turn())
+    assert reply.chunks == [events[0] + events[1], delta, b"".join(events[3:])]
+    assert [t - start for t in reply.chunk_times[:3]] == [0, 5, 5]
+
+
 # -- triage -------------------------------------------------------------------
 
 

@@ -307,6 +307,7 @@ class SerialChannel:
         pending_head: Head | None = head
         async for chunk in response.aiter_raw():
             job.last_progress = trio.current_time()
+            ready = []
             for event in framer.feed(chunk):
                 name = _sse.event_name(event)
                 if name == "message_start":
@@ -316,10 +317,15 @@ class SerialChannel:
                 elif name != "ping":
                     job.content_sent = True
                     finished = finished or name in ("message_stop", "error")
-                if pending_head is not None:
-                    await job.put(pending_head)
-                    pending_head = None
-                await job.put(event)
+                ready.append(event)
+            if not ready:
+                continue
+            if pending_head is not None:
+                await job.put(pending_head)
+                pending_head = None
+            # Whole events, all that this read completed, in one hand-off and one
+            # write to the client: no event waits for a later one.
+            await job.put(ready[0] if len(ready) == 1 else b"".join(ready))
         if not finished:
             raise _UpstreamBroke("the stream ended before message_stop")
 
