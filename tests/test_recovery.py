@@ -278,10 +278,13 @@ async def test_poison_request_is_given_up_and_quarantined(nursery, tmp_path, aut
     quarantine, = rig.events("quarantine")
     assert gave_up["fingerprint"] == quarantine["fingerprint"]
 
-    # An identical resubmission fails fast, without touching the server.
-    again = await rig.request(poison)
-    assert again.status == 500 and again.headers["x-should-retry"] == "false"
-    assert "recently crashed" in again.json()["error"]["message"]
+    # An identical resubmission fails fast, without touching the server, and so
+    # does Claude Code's retry after a failed stream: the same body without `stream`.
+    fallback = {key: value for key, value in poison.items() if key != "stream"}
+    for body in (poison, fallback):
+        again = await rig.request(body)
+        assert again.status == 500 and again.headers["x-should-retry"] == "false"
+        assert "recently crashed" in again.json()["error"]["message"]
     assert len(rig.upstream.requests) == 4
 
 

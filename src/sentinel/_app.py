@@ -18,13 +18,13 @@ stream with an ``error`` event instead of an HTTP status.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import secrets
 from typing import Any, Awaitable, Callable
 
 import attrs
 import httpx
+import orjson
 import trio
 
 from . import _sse, _synth, _tokens
@@ -96,7 +96,7 @@ class Exchange:
         await self._send({"type": "http.response.body", "body": data, "more_body": more})
 
     async def respond(self, status: int, payload: Any, headers: list[tuple[bytes, bytes]] = _JSON) -> None:
-        data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        data = payload if isinstance(payload, bytes) else orjson.dumps(payload)
         await self.start(status, [*headers, (b"content-length", str(len(data)).encode())])
         await self.body(data)
 
@@ -136,14 +136,25 @@ class _ClientGone(Exception):
     pass
 
 
+def fingerprint(body: dict[str, Any]) -> str:
+    """sha256 of a request's content, whatever its ``stream``.
+
+    After a failed stream Claude Code retries the same body without
+    ``stream`` (measured on 2.1.197), so the quarantine must know the two as
+    one request. Key order is kept as sent: it is stable for one client.
+    """
+    content = {key: value for key, value in body.items() if key != "stream"}
+    return hashlib.sha256(orjson.dumps(content)).hexdigest()
+
+
 def _too_large(limit: int) -> ApiError:
     return ApiError("request_too_large", f"Request body is larger than the limit of {limit} bytes.")
 
 
 def _parse(raw: bytes) -> dict[str, Any]:
     try:
-        body = json.loads(raw)
-    except ValueError as e:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as e:
         raise ApiError("invalid_request_error", f"Request body is not valid JSON: {e}") from None
     if not isinstance(body, dict):
         raise ApiError("invalid_request_error", "Request body must be a JSON object.")
@@ -249,9 +260,9 @@ class App:
     async def _messages(self, ex: Exchange, raw: bytes, body: dict[str, Any]) -> None:
         request_class = classify(body)
         stream = body.get("stream") is True
-        fingerprint = hashlib.sha256(raw).hexdigest()
+        fp = fingerprint(body)
         ex.facts.update(cls=request_class.value, model=body.get("model"),
-                        tools=len(body.get("tools") or []), bytes=len(raw), fp=fingerprint[:12],
+                        tools=len(body.get("tools") or []), bytes=len(raw), fp=fp[:12],
                         session=ex.header(b"x-claude-code-session-id"))
         self.counts[request_class.value] = self.counts.get(request_class.value, 0) + 1
         if request_class.is_background and self.config.triage.policy(request_class.value) == "synthesize":
@@ -260,15 +271,14 @@ class App:
         requested = body.get("max_tokens")
         capped = bool(self.max_tokens and isinstance(requested, int) and requested > self.max_tokens)
         if capped:
-            raw = json.dumps({**body, "max_tokens": self.max_tokens}).encode()
-            fingerprint = hashlib.sha256(raw).hexdigest()
+            raw = orjson.dumps({**body, "max_tokens": self.max_tokens})
         del body  # parsed, a 90 KB request is ~3x its size; while it waits, only its bytes are needed
         if self.draining:
             raise overloaded("sentinel is shutting down; retry shortly.", retry_after=5)
         if self.server.state.status is Status.FAILED:
             raise ApiError("api_error", self.server.state.detail, status=503)
         try:
-            job = self.channel.submit(ex.id, raw, stream, fingerprint)
+            job = self.channel.submit(ex.id, raw, stream, fp)
         except QueueFull:
             retry = self.config.channel.retry_after
             raise overloaded(f"sentinel's queue is full ({self.channel.queue_limit} waiting); "

@@ -7,15 +7,16 @@ splits an event when it inserts a ``ping`` or an ``error`` of its own.
 
 from __future__ import annotations
 
-import json
 from typing import Any
+
+import orjson
 
 __all__ = ["EventFramer", "encode", "event_name", "PING"]
 
 
 def encode(event: str, data: Any) -> bytes:
     """One SSE event: ``event: NAME`` and a single-line JSON ``data``."""
-    return b"event: " + event.encode() + b"\ndata: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n"
+    return b"event: " + event.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"
 
 
 PING = encode("ping", {"type": "ping"})
