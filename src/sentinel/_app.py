@@ -9,10 +9,11 @@ Routes::
     POST /v1/messages/count_tokens  the upstream's tokenizer, or a local estimate
 
 Every failure becomes an Anthropic-shaped error and every request gets a
-response: Claude Code hangs on a connection closed without one. A streaming
-request that waits longer than ``ping_interval`` has its 200 committed early
-and is kept alive with ``event: ping``; a failure after that point ends the
-stream with an ``error`` event instead of an HTTP status.
+response: Claude Code hangs on a connection closed without one. A stream's
+200 is committed as soon as the upstream's is (llama-server sends it before
+its prefill), or after ``ping_interval`` in the queue, and a silent stream is
+kept alive with ``event: ping``; a failure after that point ends the stream
+with an ``error`` event instead of an HTTP status.
 """
 
 from __future__ import annotations

@@ -301,10 +301,11 @@ class SerialChannel:
     async def _relay_events(self, job: Job, response: httpx.Response, head: Head) -> None:
         framer = _sse.EventFramer()
         finished = False
-        # The 200 is handed on with the first event, not before: a server that
-        # dies before any event leaves the client's status uncommitted, so a
-        # poison request can still get its non-retryable HTTP error.
-        pending_head: Head | None = head
+        # The 200 goes on at once, as llama-server itself commits it before its
+        # prefill: the client's headers are then out of the way of the first
+        # event. A failure from here on is an `error` event (and a poison
+        # request's retry without `stream` meets the quarantine).
+        await job.put(head)
         async for chunk in response.aiter_raw():
             job.last_progress = trio.current_time()
             ready = []
@@ -320,9 +321,6 @@ class SerialChannel:
                 ready.append(event)
             if not ready:
                 continue
-            if pending_head is not None:
-                await job.put(pending_head)
-                pending_head = None
             # Whole events, all that this read completed, in one hand-off and one
             # write to the client: no event waits for a later one.
             await job.put(ready[0] if len(ready) == 1 else b"".join(ready))
