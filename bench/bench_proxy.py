@@ -1,14 +1,17 @@
 """Benchmark: sentinel against direct llama-server, in one run, same prompts.
 
-    .venv/bin/python bench/bench_proxy.py [--n 30]
+    .venv/bin/python bench/bench_proxy.py [--n 100]
 
 Starts `sentinel up` with the built-in model, finds the llama-server it
 supervises, and measures:
 
-1. streaming turns, direct vs through sentinel, interleaved: time to first
-   byte and total time (median, p95, and the median of paired differences);
-2. synthesized title replies: throughput, and p99 latency while a real
-   stream is flowing, and that stream's token rate against an undisturbed one;
+1. streaming turns sent in rotation direct, through a bare TCP relay (the
+   floor for any proxy hop on this machine: a Python + trio byte pipe with no
+   HTTP in it) and through sentinel: time to first byte and total time
+   (median, p95, and the median of paired differences against direct);
+2. synthesized title replies: throughput, and, while a real stream flows,
+   their p99 latency and that stream's token rate, against quiet streams
+   alternated with it, at two title rates: every 100 ms and back to back;
 3. sentinel's resident memory idle, and with 100 queued 90 KB requests.
 
 Results print as a table and are saved to bench/results/proxy.json.
@@ -17,10 +20,13 @@ Results print as a table and are saved to bench/results/proxy.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import pathlib
+import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -61,37 +67,112 @@ async def timed_stream(client: httpx.AsyncClient, url: str, body: dict) -> tuple
     return first - start, time.perf_counter() - start, deltas
 
 
+async def relay(port: int, upstream_port: int) -> None:
+    """A bare TCP relay: bytes in, bytes out, no HTTP (run as a child process)."""
+
+    async def pipe(source: trio.SocketStream, sink: trio.SocketStream, done: trio.CancelScope) -> None:
+        try:
+            while data := await source.receive_some(65536):
+                await sink.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        done.cancel()
+
+    async def handle(client: trio.SocketStream) -> None:
+        upstream = await trio.open_tcp_stream("127.0.0.1", upstream_port)
+        async with upstream, client, trio.open_nursery() as nursery:
+            nursery.start_soon(pipe, client, upstream, nursery.cancel_scope)
+            nursery.start_soon(pipe, upstream, client, nursery.cancel_scope)
+
+    await trio.serve_tcp(handle, port, host="127.0.0.1")
+
+
+def start_relay(upstream_url: str) -> tuple[subprocess.Popen, str]:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    process = subprocess.Popen([sys.executable, __file__, "--relay", str(port),
+                                upstream_url.rsplit(":", 1)[1]])
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return process, f"http://127.0.0.1:{port}"
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 async def bench_streaming(daemon_url: str, direct_url: str, key: str, n: int) -> dict:
     body = {**main_turn(stream=True, max_tokens=8), "temperature": 0}
-    via, direct = {"ttfb": [], "total": []}, {"ttfb": [], "total": []}
-    async with httpx.AsyncClient(timeout=300) as through, \
-            httpx.AsyncClient(timeout=300, headers={"authorization": f"Bearer {key}"},
-                              # as sentinel does upstream: llama-server drops idle keep-alives
-                              limits=httpx.Limits(max_keepalive_connections=0)) as straight:
-        for _ in range(3):  # warm the prompt cache and both connection pools
-            await timed_stream(through, f"{daemon_url}/v1/messages", body)
-            await timed_stream(straight, f"{direct_url}/v1/messages", body)
-        for i in range(n):
-            order = [(through, daemon_url, via), (straight, direct_url, direct)]
-            for client, url, out in order if i % 2 else order[::-1]:
-                ttfb, total, _ = await timed_stream(client, f"{url}/v1/messages", body)
-                out["ttfb"].append(ttfb * 1000)
-                out["total"].append(total * 1000)
-    added = [a - b for a, b in zip(via["ttfb"], direct["ttfb"])]
-    added_total = [a - b for a, b in zip(via["total"], direct["total"])]
-    return {
-        "direct_ttfb_ms": summary(direct["ttfb"]), "sentinel_ttfb_ms": summary(via["ttfb"]),
-        "direct_total_ms": summary(direct["total"]), "sentinel_total_ms": summary(via["total"]),
-        "added_ttfb_ms": summary(added), "added_total_ms": summary(added_total),
-        "ttfb_ratio_median": statistics.median(via["ttfb"]) / statistics.median(direct["ttfb"]),
-        "total_ratio_median": statistics.median(via["total"]) / statistics.median(direct["total"]),
-    }
+    relay_process, relay_url = start_relay(direct_url)
+    auth = {"authorization": f"Bearer {key}"}
+    # llama-server closes the connection after every stream, so its clients
+    # cannot keep one alive; sentinel's clients (Claude Code) do.
+    fresh = httpx.Limits(max_keepalive_connections=0)
+    routes = {"direct": (direct_url, auth, fresh), "relay": (relay_url, auth, fresh),
+              "sentinel": (daemon_url, {}, httpx.Limits())}
+    times = {name: {"ttfb": [], "total": []} for name in routes}
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            clients = {name: await stack.enter_async_context(
+                httpx.AsyncClient(timeout=300, headers=headers, limits=limits))
+                for name, (_, headers, limits) in routes.items()}
+            for _ in range(3):  # warm the prompt cache and the connections
+                for name, (url, _, _) in routes.items():
+                    await timed_stream(clients[name], f"{url}/v1/messages", body)
+            names = list(routes)
+            for i in range(n):
+                for name in names[i % 3:] + names[:i % 3]:  # rotate who goes first
+                    ttfb, total, _ = await timed_stream(clients[name], f"{routes[name][0]}/v1/messages", body)
+                    times[name]["ttfb"].append(ttfb * 1000)
+                    times[name]["total"].append(total * 1000)
+    finally:
+        relay_process.terminate()
+        relay_process.wait()
+    direct = times["direct"]
+    results: dict = {"direct_ttfb_ms": summary(direct["ttfb"]), "direct_total_ms": summary(direct["total"])}
+    for name in ("relay", "sentinel"):
+        via = times[name]
+        results[f"{name}_ttfb_ms"] = summary(via["ttfb"])
+        results[f"{name}_total_ms"] = summary(via["total"])
+        results[f"{name}_added_ttfb_ms"] = summary([a - b for a, b in zip(via["ttfb"], direct["ttfb"])])
+        results[f"{name}_added_total_ms"] = summary([a - b for a, b in zip(via["total"], direct["total"])])
+        results[f"{name}_ttfb_ratio_median"] = statistics.median(via["ttfb"]) / statistics.median(direct["ttfb"])
+        results[f"{name}_total_ratio_median"] = statistics.median(via["total"]) / statistics.median(direct["total"])
+    return results
 
 
-async def bench_synthesized(daemon_url: str, n: int) -> dict:
+STORY = {"model": "m", "max_tokens": 150, "stream": True, "temperature": 0,
+         "messages": [{"role": "user", "content": "Write a long story about a lighthouse."}]}
+
+
+async def stream_with_titles(client: httpx.AsyncClient, interval: float | None) -> tuple[float, list[float]]:
+    """One real stream's content deltas per second, with titles fired every
+    ``interval`` seconds while it flows (none if None), and their latencies."""
+    title = title_request(stream=True)
+    latencies: list[float] = []
+    result = {}
+
+    async def stream() -> None:
+        result["stream"] = await timed_stream(client, "/v1/messages", STORY)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(stream)
+        await trio.sleep(0.3)  # let the stream start flowing
+        while interval is not None and "stream" not in result:
+            t = time.perf_counter()
+            response = await client.post("/v1/messages", json=title)
+            latencies.append((time.perf_counter() - t) * 1000)
+            assert response.status_code == 200
+            await trio.sleep(interval)
+    _, total, deltas = result["stream"]
+    return deltas / total, latencies
+
+
+async def bench_synthesized(daemon_url: str, n: int, rounds: int) -> dict:
     body = title_request(stream=True)
-    stream_body = {"model": "m", "max_tokens": 200, "stream": True, "temperature": 0,
-                   "messages": [{"role": "user", "content": "Write a long story about a lighthouse."}]}
     async with httpx.AsyncClient(base_url=daemon_url, timeout=60) as client:
         # Throughput: 8 concurrent clients for n * 10 replies.
         count = n * 10
@@ -105,38 +186,29 @@ async def bench_synthesized(daemon_url: str, n: int) -> dict:
         async with trio.open_nursery() as nursery:
             for _ in range(8):
                 nursery.start_soon(worker, count // 8)
-        throughput = (count // 8 * 8) / (time.perf_counter() - start)
+        results: dict = {"replies_per_second": (count // 8 * 8) / (time.perf_counter() - start)}
 
-        # Undisturbed streams, for the token rate and its run-to-run noise.
-        quiet = [await timed_stream(client, "/v1/messages", stream_body) for _ in range(3)]
-        quiet_rates = [deltas / total for _, total, deltas in quiet]
-
-        # The same stream with titles fired at it, one after another.
-        latencies: list[float] = []
-        result = {}
-
-        async def stream() -> None:
-            result["busy"] = await timed_stream(client, "/v1/messages", stream_body)
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(stream)
-            await trio.sleep(0.5)  # let the stream start flowing
-            while "busy" not in result:  # titles back to back, far more than Claude Code sends
-                t = time.perf_counter()
-                response = await client.post("/v1/messages", json=body)
-                latencies.append((time.perf_counter() - t) * 1000)
-                assert response.status_code == 200
-                await trio.sleep(0.01)
-        _, busy_total, busy_deltas = result["busy"]
-    quiet_rate, busy_rate = statistics.median(quiet_rates), busy_deltas / busy_total
-    return {
-        "replies_per_second": throughput,
-        "latency_during_stream_ms": summary(latencies),
-        "stream_deltas_per_s_quiet": quiet_rate,
-        "stream_deltas_per_s_with_titles": busy_rate,
-        "stream_rate_ratio": busy_rate / quiet_rate,
-        "stream_rate_noise": (max(quiet_rates) - min(quiet_rates)) / quiet_rate,
-    }
+        # The same stream, quiet and with titles, alternated so drift hits both alike.
+        for label, interval in (("every_100ms", 0.1), ("back_to_back", 0.01)):
+            quiet: list[float] = []
+            busy: list[float] = []
+            latencies: list[float] = []
+            for _ in range(rounds):
+                quiet.append((await stream_with_titles(client, None))[0])
+                rate, lat = await stream_with_titles(client, interval)
+                busy.append(rate)
+                latencies += lat
+            quiet_median = statistics.median(quiet)
+            results[label] = {
+                "title_interval_s": interval,
+                "latency_ms": summary(latencies),
+                "quiet_rates": quiet, "busy_rates": busy,
+                "rate_ratio": statistics.median(busy) / quiet_median,
+                # How far quiet runs stray from their own median: the smallest
+                # slowdown this measurement can tell from noise.
+                "quiet_spread": (max(quiet) - min(quiet)) / quiet_median,
+            }
+    return results
 
 
 async def bench_memory(daemon_url: str, pid: int) -> dict:
@@ -166,17 +238,31 @@ async def bench_memory(daemon_url: str, pid: int) -> dict:
 
 def table(results: dict) -> str:
     s, y, m = results["streaming"], results["synthesized"], results["memory"]
+
+    def ms(d: dict, digits: int = 1) -> str:
+        return f"{d['median']:.{digits}f} / {d['p95']:.{digits}f} ms"
+
     rows = [
-        ("streaming TTFB, direct (median / p95)", f"{s['direct_ttfb_ms']['median']:.1f} / {s['direct_ttfb_ms']['p95']:.1f} ms"),
-        ("streaming TTFB, sentinel (median / p95)", f"{s['sentinel_ttfb_ms']['median']:.1f} / {s['sentinel_ttfb_ms']['p95']:.1f} ms"),
-        ("added TTFB, paired (median / p95)", f"{s['added_ttfb_ms']['median']:.2f} / {s['added_ttfb_ms']['p95']:.2f} ms"),
-        ("TTFB ratio sentinel/direct (median)", f"{s['ttfb_ratio_median']:.3f}"),
-        ("streaming total, direct (median / p95)", f"{s['direct_total_ms']['median']:.1f} / {s['direct_total_ms']['p95']:.1f} ms"),
-        ("streaming total, sentinel (median / p95)", f"{s['sentinel_total_ms']['median']:.1f} / {s['sentinel_total_ms']['p95']:.1f} ms"),
-        ("total ratio sentinel/direct (median)", f"{s['total_ratio_median']:.3f}"),
+        ("streaming TTFB, direct (median / p95)", ms(s["direct_ttfb_ms"])),
+        ("streaming TTFB, bare TCP relay (median / p95)", ms(s["relay_ttfb_ms"])),
+        ("streaming TTFB, sentinel (median / p95)", ms(s["sentinel_ttfb_ms"])),
+        ("added TTFB, bare relay, paired (median / p95)", ms(s["relay_added_ttfb_ms"], 2)),
+        ("added TTFB, sentinel, paired (median / p95)", ms(s["sentinel_added_ttfb_ms"], 2)),
+        ("TTFB ratio sentinel/direct (median)", f"{s['sentinel_ttfb_ratio_median']:.3f}"),
+        ("streaming total, direct (median / p95)", ms(s["direct_total_ms"])),
+        ("streaming total, sentinel (median / p95)", ms(s["sentinel_total_ms"])),
+        ("total ratio sentinel/direct (median)", f"{s['sentinel_total_ratio_median']:.3f}"),
         ("synthesized titles per second (8 clients)", f"{y['replies_per_second']:.0f}"),
-        ("title latency during a stream (median / p99)", f"{y['latency_during_stream_ms']['median']:.2f} / {y['latency_during_stream_ms']['p99']:.2f} ms (n={y['latency_during_stream_ms']['n']})"),
-        ("stream rate with titles / without", f"{y['stream_rate_ratio']:.3f} (quiet run-to-run spread {y['stream_rate_noise']:.3f})"),
+    ]
+    for label, name in (("every_100ms", "every 100 ms"), ("back_to_back", "back to back (10 ms gaps)")):
+        r = y[label]
+        rows += [
+            (f"titles {name} during a stream: latency (median / p99)",
+             f"{r['latency_ms']['median']:.2f} / {r['latency_ms']['p99']:.2f} ms (n={r['latency_ms']['n']})"),
+            (f"titles {name}: stream rate with / without",
+             f"{r['rate_ratio']:.3f} (quiet runs' spread {r['quiet_spread']:.3f})"),
+        ]
+    rows += [
         ("sentinel RSS idle", f"{m['rss_idle_mib']:.1f} MiB"),
         ("sentinel RSS, 100 queued 90 KB requests", f"{m['rss_100_queued_90kb_mib']:.1f} MiB"),
     ]
@@ -184,24 +270,23 @@ def table(results: dict) -> str:
     return "\n".join(f"| {name.ljust(width)} | {value} |" for name, value in rows)
 
 
-async def main(n: int, threads: int | None) -> None:
+async def main(n: int, rounds: int, threads: int | None) -> None:
     tmp = tempfile.mkdtemp(prefix="sentinel-bench-")
     server_args = f'[server]\nargs = ["--threads", "{threads}"]\n' if threads else ""
-    if True:
-        daemon = start_daemon(pathlib.Path(tmp),
-                              extra_config="[channel]\nqueue_limit = 128\n" + server_args)
-        try:
-            direct_url, key, _ = daemon.upstream()
-            results = {
-                "n": n,
-                "llama_server_threads": threads,
-                "streaming": await bench_streaming(daemon.url, direct_url, key, n),
-                "synthesized": await bench_synthesized(daemon.url, n),
-                "memory": await bench_memory(daemon.url, daemon.process.pid),
-                "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
-            }
-        finally:
-            daemon.stop()
+    daemon = start_daemon(pathlib.Path(tmp), extra_config="[channel]\nqueue_limit = 128\n" + server_args)
+    try:
+        direct_url, key, _ = daemon.upstream()
+        results = {
+            "n": n,
+            "rounds": rounds,
+            "llama_server_threads": threads,
+            "streaming": await bench_streaming(daemon.url, direct_url, key, n),
+            "synthesized": await bench_synthesized(daemon.url, n, rounds),
+            "memory": await bench_memory(daemon.url, daemon.process.pid),
+            "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
+        }
+    finally:
+        daemon.stop()
     (HERE / "results").mkdir(exist_ok=True)
     (HERE / "results" / "proxy.json").write_text(json.dumps(results, indent=2))
     print(table(results))
@@ -209,7 +294,12 @@ async def main(n: int, threads: int | None) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
-    parser.add_argument("--n", type=int, default=30)
+    parser.add_argument("--n", type=int, default=100, help="streaming turns per route")
+    parser.add_argument("--rounds", type=int, default=5, help="quiet/busy stream pairs per title rate")
     parser.add_argument("--threads", type=int, help="llama-server --threads (default: its own)")
+    parser.add_argument("--relay", nargs=2, type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    trio.run(main, args.n, args.threads)
+    if args.relay:
+        trio.run(relay, *args.relay)
+    else:
+        trio.run(main, args.n, args.rounds, args.threads)
