@@ -6,6 +6,7 @@ with raw bytes, so the tests see exactly what crosses the socket.
 
 from __future__ import annotations
 
+import ssl
 from functools import partial
 from typing import Awaitable, Callable
 
@@ -14,6 +15,7 @@ import h11
 import httpx
 import pytest
 import trio
+import trustme
 
 from sentinel._forward import ForwardTransport
 
@@ -171,3 +173,34 @@ async def test_a_host_name_is_resolved(server):
     response = await ForwardTransport().handle_async_request(post(f"http://localhost:{server.port}"))
     assert response.status_code == 204
     await response.aclose()
+
+
+async def test_an_https_upstream_is_reached_over_tls(nursery):
+    ca = trustme.CA()
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_context)
+    client_context = ssl.create_default_context()
+    ca.configure_trust(client_context)
+
+    async def answer(stream: trio.SSLStream) -> None:
+        data = b""
+        try:
+            while b"\r\n\r\n" not in data or not data.endswith(b"}"):
+                data += await stream.receive_some(65536)
+            await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                                  b"content-length: 2\r\n\r\n{}")
+        except trio.BrokenResourceError:
+            return  # a client that refused our certificate
+        await stream.aclose()
+
+    listeners = await nursery.start(partial(trio.serve_ssl_over_tcp, host="127.0.0.1"), answer, 0,
+                                    server_context)
+    port = listeners[0].transport_listener.socket.getsockname()[1]
+    transport = ForwardTransport(ssl_context=client_context)
+    response = await transport.handle_async_request(post(f"https://127.0.0.1:{port}"))
+    assert response.status_code == 200 and await response.aread() == b"{}"
+    await response.aclose()
+
+    # Without the CA, the certificate is refused: a connect error, not a response.
+    with pytest.raises(httpx.ConnectError):
+        await ForwardTransport().handle_async_request(post(f"https://127.0.0.1:{port}"))

@@ -37,10 +37,12 @@ _READ_SIZE = 65536
 class ForwardTransport(httpx.AsyncBaseTransport):
     """POST a request with a bytes body and stream the response back."""
 
-    def __init__(self, connect_timeout: float = 5.0, write_timeout: float = 60.0) -> None:
+    def __init__(self, connect_timeout: float = 5.0, write_timeout: float = 60.0,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
         self.connect_timeout = connect_timeout
         self.write_timeout = write_timeout
-        self._ssl_context: ssl.SSLContext | None = None
+        #: For an ``https://`` upstream; the system's trust store unless given.
+        self._ssl_context = ssl_context
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         stream = await self._connect(request.url)
