@@ -6,6 +6,7 @@ pings runs in milliseconds and asserts exact times.
 
 import json
 import random
+import re
 
 import attrs
 import httpx
@@ -443,3 +444,29 @@ async def test_a_request_a_healthy_server_drops_is_answered_retryable_not_resent
     assert reply.status == 529 and reply.headers["retry-after"] == "1"
     assert reply.json()["error"]["type"] == "overloaded_error"
     assert len(calls) == 1
+
+
+# -- the request log ------------------------------------------------------------
+
+
+async def test_one_log_line_per_request_with_its_facts_and_no_content(harness, caplog):
+    caplog.set_level("INFO", logger="sentinel.requests")
+    secret_words = "the lighthouse keeper's private diary"
+    turn = main_turn()
+    turn["messages"] = [*turn["messages"], {"role": "user", "content": secret_words}]
+    headers = {"x-claude-code-session-id": "sess-123", "authorization": "Bearer sk-secret-key"}
+    reply = await harness.request("POST", "/v1/messages", turn, headers=headers)
+    title = await harness.request("POST", "/v1/messages", title_request(), headers=headers)
+
+    lines = [record.getMessage() for record in caplog.records if record.name == "sentinel.requests"]
+    assert len(lines) == 2
+    real, synthesized = lines
+    assert real.startswith(reply.headers["request-id"] + " POST /v1/messages ")
+    for fact in ("cls=real", f"model={turn['model']}", "tools=27", "session=sess-123", "queue=0",
+                 "status=200"):
+        assert fact in real.split(), fact
+    assert re.search(r" fp=[0-9a-f]{12} ", real) and re.search(r" ttfb=[\d.]+ms total=[\d.]+ms$", real)
+    assert title.headers["request-id"] in synthesized and "cls=title" in synthesized
+    assert "synth=True" in synthesized and re.search(r" fp=[0-9a-f]{12} ", synthesized)
+    for line in lines:
+        assert "lighthouse" not in line and "sk-secret-key" not in line
