@@ -18,7 +18,6 @@ with an ``error`` event instead of an HTTP status.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import secrets
 from typing import Any, Awaitable, Callable
@@ -29,7 +28,7 @@ import orjson
 import trio
 
 from . import _sse, _synth, _tokens
-from ._channel import Head, Job, QueueFull, SerialChannel, Server
+from ._channel import Head, Job, QueueFull, SerialChannel, Server, fingerprint
 from ._config import Config
 from ._errors import ApiError, from_upstream, overloaded
 from ._supervisor import Status
@@ -135,17 +134,6 @@ class Exchange:
 
 class _ClientGone(Exception):
     pass
-
-
-def fingerprint(body: dict[str, Any]) -> str:
-    """sha256 of a request's content, whatever its ``stream``.
-
-    After a failed stream Claude Code retries the same body without
-    ``stream`` (measured on 2.1.197), so the quarantine must know the two as
-    one request. Key order is kept as sent: it is stable for one client.
-    """
-    content = {key: value for key, value in body.items() if key != "stream"}
-    return hashlib.sha256(orjson.dumps(content)).hexdigest()
 
 
 def _too_large(limit: int) -> ApiError:
@@ -261,33 +249,46 @@ class App:
     async def _messages(self, ex: Exchange, raw: bytes, body: dict[str, Any]) -> None:
         request_class = classify(body)
         stream = body.get("stream") is True
-        fp = fingerprint(body)
         ex.facts.update(cls=request_class.value, model=body.get("model"),
-                        tools=len(body.get("tools") or []), bytes=len(raw), fp=fp[:12],
+                        tools=len(body.get("tools") or []), bytes=len(raw), fp=None,
                         session=ex.header(b"x-claude-code-session-id"))
         self.counts[request_class.value] = self.counts.get(request_class.value, 0) + 1
         if request_class.is_background and self.config.triage.policy(request_class.value) == "synthesize":
             ex.facts["synth"] = True
-            return await _synthesize(ex, request_class, body, stream)
+            await _synthesize(ex, request_class, body, stream)
+            ex.facts["fp"] = fingerprint(body)[:12]
+            return
         requested = body.get("max_tokens")
         capped = bool(self.max_tokens and isinstance(requested, int) and requested > self.max_tokens)
         if capped:
             raw = orjson.dumps({**body, "max_tokens": self.max_tokens})
         del body  # parsed, a 90 KB request is ~3x its size; while it waits, only its bytes are needed
+        job: Job | None = None
+        try:
+            job = self._submit(ex, raw, stream)
+            # Stopping at sentinel's own cap is not the client's max_tokens: report it
+            # as the end of the turn, or Claude Code says its 32000-token limit was hit.
+            ex.rewrite_stop = capped
+            await self._relay(ex, job, stream)
+        finally:
+            # For the log line: worked out once answered, off the first byte's path.
+            ex.facts["fp"] = (job.fingerprint if job else fingerprint(orjson.loads(raw)))[:12]
+
+    def _submit(self, ex: Exchange, raw: bytes, stream: bool) -> Job:
         if self.draining:
             raise overloaded("sentinel is shutting down; retry shortly.", retry_after=5)
         if self.server.state.status is Status.FAILED:
             raise ApiError("api_error", self.server.state.detail, status=503)
         try:
-            job = self.channel.submit(ex.id, raw, stream, fp)
+            job = self.channel.submit(ex.id, raw, stream)
         except QueueFull:
             retry = self.config.channel.retry_after
             raise overloaded(f"sentinel's queue is full ({self.channel.queue_limit} waiting); "
                              "retry shortly.", retry_after=retry) from None
         ex.facts["queue"] = job.position
-        # Stopping at sentinel's own cap is not the client's max_tokens: report it
-        # as the end of the turn, or Claude Code says its 32000-token limit was hit.
-        ex.rewrite_stop = capped
+        return job
+
+    async def _relay(self, ex: Exchange, job: Job, stream: bool) -> None:
         error: ApiError | None = None
         try:
             async with trio.open_nursery() as nursery:

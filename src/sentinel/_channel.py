@@ -24,12 +24,14 @@ which Claude Code retries. A request that crashes the server on
 from __future__ import annotations
 
 import collections
+import functools
 import hashlib
 import logging
-from typing import Protocol
+from typing import Any, Protocol
 
 import attrs
 import httpx
+import orjson
 import trio
 
 from . import _sse
@@ -40,7 +42,7 @@ from ._restart import Quarantine
 from ._supervisor import ServerFailed, ServerState
 from ._upstream import Upstream
 
-__all__ = ["Head", "Job", "QueueFull", "SerialChannel", "Server"]
+__all__ = ["Head", "Job", "QueueFull", "SerialChannel", "Server", "fingerprint"]
 
 log = logging.getLogger("sentinel.channel")
 
@@ -92,8 +94,6 @@ class Job:
     #: Requests ahead of this one when it was queued, the one in flight included.
     position: int = 0
     state: str = "queued"  # queued, running, done
-    #: sha256 of the body: how the journal and the quarantine know a request.
-    fingerprint: str = ""
     attempt: int = 0
     crashes: int = 0
     bytes_sent: int = 0
@@ -115,6 +115,13 @@ class Job:
         await self._send.send(item)
         if isinstance(item, bytes):
             self.bytes_sent += len(item)
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """How the journal, the log and the quarantine know a request: see
+        :func:`fingerprint`. Worked out only when asked for, so that hashing
+        is never on the way of a request the quarantine is empty for."""
+        return fingerprint(orjson.loads(self.body))
 
     def finish(self) -> None:
         self.state = "done"
@@ -160,14 +167,14 @@ class SerialChannel:
     def in_flight_facts(self) -> dict[str, object]:
         return self.current.facts() if self.current is not None else {}
 
-    def submit(self, job_id: str, body: bytes, stream: bool, fingerprint: str | None = None) -> Job:
+    def submit(self, job_id: str, body: bytes, stream: bool) -> Job:
         if len(self._queue) >= self.queue_limit:
             raise QueueFull
-        job = Job(job_id, body, stream, position=len(self._queue) + (self.current is not None),
-                  fingerprint=fingerprint or hashlib.sha256(body).hexdigest())
-        cause = self.quarantine.cause(job.fingerprint, trio.current_time())
-        if cause is not None:
-            raise _poisoned(cause, self.recovery.max_replays + 1, quarantined=True)
+        job = Job(job_id, body, stream, position=len(self._queue) + (self.current is not None))
+        if self.quarantine:
+            cause = self.quarantine.cause(job.fingerprint, trio.current_time())
+            if cause is not None:
+                raise _poisoned(cause, self.recovery.max_replays + 1, quarantined=True)
         self._queue.append(job)
         self._wakeup.set()
         return job
@@ -362,6 +369,17 @@ class SerialChannel:
     def _journal(self, event: str, **fields: object) -> None:
         if self.journal is not None:
             self.journal.record(event, **fields)
+
+
+def fingerprint(body: dict[str, Any]) -> str:
+    """sha256 of a request's content, whatever its ``stream``.
+
+    After a failed stream Claude Code retries the same body without
+    ``stream`` (measured on 2.1.197), so the quarantine must know the two as
+    one request. Key order is kept as sent: it is stable for one client.
+    """
+    content = {key: value for key, value in body.items() if key != "stream"}
+    return hashlib.sha256(orjson.dumps(content)).hexdigest()
 
 
 def _poisoned(cause: str, tries: int, quarantined: bool = False) -> ApiError:

@@ -69,6 +69,9 @@ class Quarantine:
     duration: float = 600.0
     _until: dict[str, tuple[float, str]] = attrs.field(factory=dict, init=False)
 
+    def __bool__(self) -> bool:
+        return bool(self._until)
+
     def add(self, fingerprint: str, cause: str, now: float) -> None:
         self._until[fingerprint] = (now + self.duration, cause)
 
