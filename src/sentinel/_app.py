@@ -256,7 +256,7 @@ class App:
         if request_class.is_background and self.config.triage.policy(request_class.value) == "synthesize":
             ex.facts["synth"] = True
             await _synthesize(ex, request_class, body, stream)
-            ex.facts["fp"] = fingerprint(body)[:12]
+            ex.facts["fp"] = fingerprint(raw)[:12]
             return
         requested = body.get("max_tokens")
         capped = bool(self.max_tokens and isinstance(requested, int) and requested > self.max_tokens)
@@ -272,7 +272,7 @@ class App:
             await self._relay(ex, job, stream)
         finally:
             # For the log line: worked out once answered, off the first byte's path.
-            ex.facts["fp"] = (job.fingerprint if job else fingerprint(orjson.loads(raw)))[:12]
+            ex.facts["fp"] = (job.fingerprint if job else fingerprint(raw))[:12]
 
     def _submit(self, ex: Exchange, raw: bytes, stream: bool) -> Job:
         if self.draining:

@@ -27,7 +27,7 @@ import collections
 import functools
 import hashlib
 import logging
-from typing import Any, Protocol
+from typing import Protocol
 
 import attrs
 import httpx
@@ -121,7 +121,7 @@ class Job:
         """How the journal, the log and the quarantine know a request: see
         :func:`fingerprint`. Worked out only when asked for, so that hashing
         is never on the way of a request the quarantine is empty for."""
-        return fingerprint(orjson.loads(self.body))
+        return fingerprint(self.body)
 
     def finish(self) -> None:
         self.state = "done"
@@ -330,7 +330,7 @@ class SerialChannel:
                 continue
             # Whole events, all that this read completed, in one hand-off and one
             # write to the client: no event waits for a later one.
-            await job.put(ready[0] if len(ready) == 1 else b"".join(ready))
+            await job.put(b"".join(ready))
         if not finished:
             raise _UpstreamBroke("the stream ended before message_stop")
 
@@ -371,14 +371,14 @@ class SerialChannel:
             self.journal.record(event, **fields)
 
 
-def fingerprint(body: dict[str, Any]) -> str:
-    """sha256 of a request's content, whatever its ``stream``.
+def fingerprint(body: bytes) -> str:
+    """sha256 of a request's content (a JSON object), whatever its ``stream``.
 
     After a failed stream Claude Code retries the same body without
     ``stream`` (measured on 2.1.197), so the quarantine must know the two as
     one request. Key order is kept as sent: it is stable for one client.
     """
-    content = {key: value for key, value in body.items() if key != "stream"}
+    content = {key: value for key, value in orjson.loads(body).items() if key != "stream"}
     return hashlib.sha256(orjson.dumps(content)).hexdigest()
 
 

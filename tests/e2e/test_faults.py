@@ -192,15 +192,22 @@ async def test_fault_while_idle(broken, sig):
     broken.assert_one_crash_per_fault()
 
 
-@pytest.mark.parametrize("sig", SIGNALS, ids=lambda s: s.name)
-async def test_fault_during_prefill_is_replayed(broken, sig):
+async def fault_in_prefill(broken, sig: signal.Signals, stream: bool) -> tuple[Ledger, int]:
+    """Send a long prompt, hit the server with ``sig`` while it processes it,
+    and wait for the answer; the ledger and the pid that was hit."""
     await broken.wait_ready()
     ledger = Ledger()
     async with client(broken) as http, trio.open_nursery() as nursery:
-        nursery.start_soon(send, http, turn(long_prompt(), stream=sig != signal.SIGABRT), ledger)
+        nursery.start_soon(send, http, turn(long_prompt(), stream=stream), ledger)
         await broken.wait_processing()
         await trio.sleep(0.3)
-        broken.inject(sig)
+        pid = broken.inject(sig)
+    return ledger, pid
+
+
+@pytest.mark.parametrize("sig", SIGNALS, ids=lambda s: s.name)
+async def test_fault_during_prefill_is_replayed(broken, sig):
+    ledger, _ = await fault_in_prefill(broken, sig, stream=sig != signal.SIGABRT)
     assert [o.kind for o in ledger.outcomes] == ["ok"]
     replay = [e for e in broken.journal() if e["event"] == "replay"][-1]
     assert replay["attempt"] == 2
@@ -256,13 +263,8 @@ async def test_fault_during_model_load(broken):
 
 
 async def test_sigstop_hang_is_killed_and_the_request_replayed(broken):
-    await broken.wait_ready()
-    ledger = Ledger()
-    async with client(broken) as http, trio.open_nursery() as nursery:
-        nursery.start_soon(send, http, turn(long_prompt(), stream=True), ledger)
-        await broken.wait_processing()
-        pid = broken.inject(signal.SIGSTOP)
-        broken.injected += 1  # a hang ends as one crash, of the hung server
+    ledger, pid = await fault_in_prefill(broken, signal.SIGSTOP, stream=True)
+    broken.injected += 1  # a hang ends as one crash, of the hung server
     assert [o.kind for o in ledger.outcomes] == ["ok"]
     hang = [e for e in broken.journal() if e["event"] == "hang_kill"][-1]
     crash = [e for e in broken.journal() if e["event"] == "crash"][-1]
