@@ -92,12 +92,15 @@ async def test_title_is_synthesized_without_touching_the_upstream(harness, strea
     assert reply.status == 200
     assert harness.upstream.requests == []
     if stream:
+        assert reply.headers["content-type"] == "text/event-stream"
         events = reply.events()
         assert [name for name, _ in events] == EVENT_NAMES
         text = events[2][1]["delta"]["text"]
     else:
         text = reply.json()["content"][0]["text"]
     assert json.loads(text) == {"title": "Hello what files are in this directory"}
+    # Sent whole: one body with its length, not a chunked stream.
+    assert int(reply.headers["content-length"]) == len(reply.body)
 
 
 async def test_forward_policy_sends_titles_to_the_model(nursery):
