@@ -11,7 +11,10 @@ supervises, and measures:
    (median, p95, and the median of paired differences against direct);
 2. synthesized title replies: throughput, and, while a real stream flows,
    their p99 latency and that stream's token rate, against quiet streams
-   alternated with it, at two title rates: every 100 ms and back to back;
+   alternated with it, at two title rates: every 100 ms and back to back.
+   As a control, the same titles from the same client also go to a
+   do-nothing server (a canned reply, no HTTP stack): the slowdown any
+   server would show on this machine, with the client's own CPU in it;
 3. sentinel's resident memory idle, and with 100 queued 90 KB requests.
 
 Results print as a table and are saved to bench/results/proxy.json.
@@ -24,6 +27,7 @@ import contextlib
 import json
 import os
 import pathlib
+import re
 import socket
 import statistics
 import subprocess
@@ -87,12 +91,40 @@ async def relay(port: int, upstream_port: int) -> None:
     await trio.serve_tcp(handle, port, host="127.0.0.1")
 
 
-def start_relay(upstream_url: str) -> tuple[subprocess.Popen, str]:
+async def null_server(port: int) -> None:
+    """Answers every request at once with the bytes sentinel sends for a title,
+    parsing no more than the content-length (run as a child process)."""
+    from sentinel import _synth
+
+    body = _synth.sse_events(title_request(stream=True), '{"title": "A title"}')
+    reply = (b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+             b"content-length: %d\r\n\r\n" % len(body)) + body
+    length = re.compile(rb"content-length:\s*(\d+)", re.I)
+
+    async def handle(client: trio.SocketStream) -> None:
+        buffer = b""
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            while True:
+                while b"\r\n\r\n" not in buffer:
+                    if not (data := await client.receive_some(65536)):
+                        return
+                    buffer += data
+                head, _, buffer = buffer.partition(b"\r\n\r\n")
+                size = int(length.search(head).group(1))
+                while len(buffer) < size:
+                    buffer += await client.receive_some(65536)
+                buffer = buffer[size:]
+                await client.send_all(reply)
+
+    await trio.serve_tcp(handle, port, host="127.0.0.1")
+
+
+def start_child(*args: str) -> tuple[subprocess.Popen, str]:
+    """This script as a child process (--relay, --null) on a free port, once it listens."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    process = subprocess.Popen([sys.executable, __file__, "--relay", str(port),
-                                upstream_url.rsplit(":", 1)[1]])
+    process = subprocess.Popen([sys.executable, __file__, args[0], str(port), *args[1:]])
     deadline = time.monotonic() + 30
     while True:
         try:
@@ -106,7 +138,7 @@ def start_relay(upstream_url: str) -> tuple[subprocess.Popen, str]:
 
 async def bench_streaming(daemon_url: str, direct_url: str, key: str, n: int) -> dict:
     body = {**main_turn(stream=True, max_tokens=8), "temperature": 0}
-    relay_process, relay_url = start_relay(direct_url)
+    relay_process, relay_url = start_child("--relay", direct_url.rsplit(":", 1)[1])
     auth = {"authorization": f"Bearer {key}"}
     # llama-server closes the connection after every stream, so its clients
     # cannot keep one alive; sentinel's clients (Claude Code) do.
@@ -148,9 +180,11 @@ STORY = {"model": "m", "max_tokens": 150, "stream": True, "temperature": 0,
          "messages": [{"role": "user", "content": "Write a long story about a lighthouse."}]}
 
 
-async def stream_with_titles(client: httpx.AsyncClient, interval: float | None) -> tuple[float, list[float]]:
+async def stream_with_titles(client: httpx.AsyncClient, interval: float | None,
+                             titles: httpx.AsyncClient | None = None) -> tuple[float, list[float]]:
     """One real stream's content deltas per second, with titles fired every
-    ``interval`` seconds while it flows (none if None), and their latencies."""
+    ``interval`` seconds while it flows (none if None) at ``titles`` (sentinel
+    if None), and their latencies."""
     title = title_request(stream=True)
     latencies: list[float] = []
     result = {}
@@ -163,7 +197,7 @@ async def stream_with_titles(client: httpx.AsyncClient, interval: float | None) 
         await trio.sleep(0.3)  # let the stream start flowing
         while interval is not None and "stream" not in result:
             t = time.perf_counter()
-            response = await client.post("/v1/messages", json=title)
+            response = await (titles or client).post("/v1/messages", json=title)
             latencies.append((time.perf_counter() - t) * 1000)
             assert response.status_code == 200
             await trio.sleep(interval)
@@ -173,41 +207,54 @@ async def stream_with_titles(client: httpx.AsyncClient, interval: float | None) 
 
 async def bench_synthesized(daemon_url: str, n: int, rounds: int) -> dict:
     body = title_request(stream=True)
-    async with httpx.AsyncClient(base_url=daemon_url, timeout=60) as client:
-        # Throughput: 8 concurrent clients for n * 10 replies.
-        count = n * 10
-        start = time.perf_counter()
+    null_process, null_url = start_child("--null")
+    try:
+        async with httpx.AsyncClient(base_url=daemon_url, timeout=60) as client, \
+                httpx.AsyncClient(base_url=null_url, timeout=60) as null:
+            # Throughput: 8 concurrent clients for n * 10 replies.
+            count = n * 10
+            start = time.perf_counter()
 
-        async def worker(k: int) -> None:
-            for _ in range(k):
-                response = await client.post("/v1/messages", json=body)
-                assert response.status_code == 200
+            async def worker(k: int) -> None:
+                for _ in range(k):
+                    response = await client.post("/v1/messages", json=body)
+                    assert response.status_code == 200
 
-        async with trio.open_nursery() as nursery:
-            for _ in range(8):
-                nursery.start_soon(worker, count // 8)
-        results: dict = {"replies_per_second": (count // 8 * 8) / (time.perf_counter() - start)}
+            async with trio.open_nursery() as nursery:
+                for _ in range(8):
+                    nursery.start_soon(worker, count // 8)
+            results: dict = {"replies_per_second": (count // 8 * 8) / (time.perf_counter() - start)}
 
-        # The same stream, quiet and with titles, alternated so drift hits both alike.
-        for label, interval in (("every_100ms", 0.1), ("back_to_back", 0.01)):
-            quiet: list[float] = []
-            busy: list[float] = []
-            latencies: list[float] = []
-            for _ in range(rounds):
-                quiet.append((await stream_with_titles(client, None))[0])
-                rate, lat = await stream_with_titles(client, interval)
-                busy.append(rate)
-                latencies += lat
-            quiet_median = statistics.median(quiet)
-            results[label] = {
-                "title_interval_s": interval,
-                "latency_ms": summary(latencies),
-                "quiet_rates": quiet, "busy_rates": busy,
-                "rate_ratio": statistics.median(busy) / quiet_median,
-                # How far quiet runs stray from their own median: the smallest
-                # slowdown this measurement can tell from noise.
-                "quiet_spread": (max(quiet) - min(quiet)) / quiet_median,
-            }
+            # The same stream quiet, with titles to sentinel, and with the same
+            # titles to the do-nothing server, in turn, so drift hits all alike.
+            for label, interval in (("every_100ms", 0.1), ("back_to_back", 0.01)):
+                quiet: list[float] = []
+                busy: list[float] = []
+                control: list[float] = []
+                latencies: list[float] = []
+                for _ in range(rounds):
+                    quiet.append((await stream_with_titles(client, None))[0])
+                    rate, lat = await stream_with_titles(client, interval)
+                    busy.append(rate)
+                    latencies += lat
+                    control.append((await stream_with_titles(client, interval, null))[0])
+                quiet_median = statistics.median(quiet)
+                results[label] = {
+                    "title_interval_s": interval,
+                    "latency_ms": summary(latencies),
+                    "quiet_rates": quiet, "busy_rates": busy, "control_rates": control,
+                    "rate_ratio": statistics.median(busy) / quiet_median,
+                    "control_rate_ratio": statistics.median(control) / quiet_median,
+                    # Sentinel's own part: each round's stream with titles to
+                    # sentinel against its neighbour with titles to the control.
+                    "sentinel_vs_control": statistics.median(b / c for b, c in zip(busy, control)),
+                    # How far quiet runs stray from their own median: the smallest
+                    # slowdown this measurement can tell from noise.
+                    "quiet_spread": (max(quiet) - min(quiet)) / quiet_median,
+                }
+    finally:
+        null_process.terminate()
+        null_process.wait()
     return results
 
 
@@ -261,6 +308,10 @@ def table(results: dict) -> str:
              f"{r['latency_ms']['median']:.2f} / {r['latency_ms']['p99']:.2f} ms (n={r['latency_ms']['n']})"),
             (f"titles {name}: stream rate with / without",
              f"{r['rate_ratio']:.3f} (quiet runs' spread {r['quiet_spread']:.3f})"),
+            (f"same titles {name} to a do-nothing server: stream rate with / without",
+             f"{r['control_rate_ratio']:.3f}"),
+            (f"titles {name}: stream rate, titles to sentinel / to the do-nothing server (paired)",
+             f"{r['sentinel_vs_control']:.3f}"),
         ]
     rows += [
         ("sentinel RSS idle", f"{m['rss_idle_mib']:.1f} MiB"),
@@ -298,8 +349,11 @@ if __name__ == "__main__":
     parser.add_argument("--rounds", type=int, default=5, help="quiet/busy stream pairs per title rate")
     parser.add_argument("--threads", type=int, help="llama-server --threads (default: its own)")
     parser.add_argument("--relay", nargs=2, type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--null", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.relay:
         trio.run(relay, *args.relay)
+    elif args.null:
+        trio.run(null_server, args.null)
     else:
         trio.run(main, args.n, args.rounds, args.threads)
