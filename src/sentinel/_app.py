@@ -253,25 +253,24 @@ class App:
                         tools=len(body.get("tools") or []), bytes=len(raw), fp=None,
                         session=ex.header(b"x-claude-code-session-id"))
         self.counts[request_class.value] = self.counts.get(request_class.value, 0) + 1
-        if request_class.is_background and self.config.triage.policy(request_class.value) == "synthesize":
-            ex.facts["synth"] = True
-            await _synthesize(ex, request_class, body, stream)
-            ex.facts["fp"] = fingerprint(raw)[:12]
-            return
-        requested = body.get("max_tokens")
-        capped = bool(self.max_tokens and isinstance(requested, int) and requested > self.max_tokens)
-        if capped:
-            raw = orjson.dumps({**body, "max_tokens": self.max_tokens})
-        del body  # parsed, a 90 KB request is ~3x its size; while it waits, only its bytes are needed
         job: Job | None = None
         try:
+            if request_class.is_background and self.config.triage.policy(request_class.value) == "synthesize":
+                ex.facts["synth"] = True
+                return await _synthesize(ex, request_class, body, stream)
+            requested = body.get("max_tokens")
+            capped = bool(self.max_tokens and isinstance(requested, int) and requested > self.max_tokens)
+            if capped:
+                raw = orjson.dumps({**body, "max_tokens": self.max_tokens})
+            del body  # parsed, a 90 KB request is ~3x its size; while it waits, only its bytes are needed
             job = self._submit(ex, raw, stream)
             # Stopping at sentinel's own cap is not the client's max_tokens: report it
             # as the end of the turn, or Claude Code says its 32000-token limit was hit.
             ex.rewrite_stop = capped
             await self._relay(ex, job, stream)
         finally:
-            # For the log line: worked out once answered, off the first byte's path.
+            # For the log line: worked out once answered, off the first byte's path
+            # (a job may have worked it out already, for the quarantine or the journal).
             ex.facts["fp"] = (job.fingerprint if job else fingerprint(raw))[:12]
 
     def _submit(self, ex: Exchange, raw: bytes, stream: bool) -> Job:
