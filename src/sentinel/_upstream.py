@@ -36,6 +36,16 @@ class Upstream:
     transport: httpx.AsyncBaseTransport | None = None
     _client: httpx.AsyncClient | None = attrs.field(default=None, init=False)
     _forward: ForwardTransport = attrs.field(factory=ForwardTransport, init=False)
+    #: The forwarded request's URL and headers, built once per address: parsing
+    #: them anew cost ~13 µs of every first byte (more with a cold cache).
+    _messages_url: httpx.URL = attrs.field(init=False)
+    _messages_headers: httpx.Headers = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._messages_url = httpx.URL(f"{self.base_url}/v1/messages")
+        self._messages_headers = httpx.Headers({
+            "content-type": "application/json", "accept-encoding": "identity",
+            "user-agent": "sentinel", **self._auth()})
 
     def _auth(self) -> dict[str, str]:
         return {"authorization": f"Bearer {self.api_key}"} if self.api_key else {}
@@ -61,6 +71,7 @@ class Upstream:
         disturbed (they fail on their own, as that server is gone), and the next
         one connects to the new address."""
         self.base_url = base_url
+        self._messages_url = httpx.URL(f"{base_url}/v1/messages")
         if self._client is not None:
             self._client.base_url = base_url
 
@@ -76,9 +87,7 @@ class Upstream:
         This is the hot path: it goes straight to a transport, on a fresh
         connection, without the client's pool, redirects, cookies and hooks.
         """
-        headers = {"content-type": "application/json", "accept-encoding": "identity",
-                   "user-agent": "sentinel", **self._auth()}
-        request = httpx.Request("POST", f"{self.base_url}/v1/messages", content=body, headers=headers)
+        request = httpx.Request("POST", self._messages_url, content=body, headers=self._messages_headers)
         response = await (self.transport or self._forward).handle_async_request(request)
         try:
             yield response
