@@ -83,6 +83,54 @@ async def test_events_read_together_are_written_together_and_never_split(nursery
     assert [t - start for t in reply.chunk_times[:3]] == [0, 5, 5]
 
 
+async def test_worker_writes_a_long_stream_itself_in_order(nursery, autojump_clock, monkeypatch):
+    """Past the head, the worker writes events to the client itself; none is
+    lost or overtaken at the hand-over, whether events come at once or apart."""
+    from sentinel._channel import Job
+
+    handed = []
+    hand_sink = Job.hand_sink
+    monkeypatch.setattr(Job, "hand_sink", lambda job, sink: handed.append(hand_sink(job, sink)) or handed[-1])
+    events = stream_events()
+    deltas = [sse("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                          "delta": {"type": "text_delta", "text": f"w{i} "}})
+              for i in range(60)]
+    expected = [*events[:2], *deltas, *events[3:]]
+    upstream = ScriptedUpstream()
+    # A burst at once (queued before the hand-over), then events apart, then a burst.
+    upstream.script = lambda request, body: _async(upstream.respond(
+        200, [*expected[:20], *[x for event in expected[20:40] for x in (0.5, event)], *expected[40:]],
+        "text/event-stream"))
+    harness = await make_harness(nursery, upstream=upstream)
+    reply = await harness.request("POST", "/v1/messages", main_turn())
+    assert reply.body == b"".join(expected)
+    assert True in handed
+
+
+async def test_no_pings_while_the_worker_writes_a_slow_stream(nursery, autojump_clock):
+    """Pings are for silence: events 10 s apart, with a 15 s ping interval, get none."""
+    events = stream_events()
+    upstream = ScriptedUpstream()
+    upstream.script = lambda request, body: _async(upstream.respond(
+        200, [events[0], 10.0, events[1], 10.0, events[2], 10.0, *events[3:]], "text/event-stream"))
+    harness = await make_harness(nursery, upstream=upstream)
+    reply = await harness.request("POST", "/v1/messages", main_turn())
+    assert [name for name, _ in reply.events()] == EVENT_NAMES
+
+
+async def test_silence_mid_stream_is_pinged(nursery, autojump_clock):
+    events = stream_events()
+    upstream = ScriptedUpstream()
+    upstream.script = lambda request, body: _async(upstream.respond(
+        200, [events[0], 5.0, events[1], 40.0, *events[2:]], "text/event-stream"))
+    harness = await make_harness(nursery, upstream=upstream)
+    start = trio.current_time()
+    reply = await harness.request("POST", "/v1/messages", main_turn())
+    names = [name for name, _ in reply.events()]
+    assert names == EVENT_NAMES[:2] + ["ping", "ping"] + EVENT_NAMES[2:]
+    assert [t - start for t in reply.chunk_times[2:4]] == [20, 35]
+
+
 # -- triage -------------------------------------------------------------------
 
 

@@ -298,6 +298,7 @@ class App:
                     error = e  # raised outside the nursery, not wrapped in a group
                 nursery.cancel_scope.cancel()
         finally:
+            job.sink = None  # nothing more to this response once its handler is done
             self.channel.abandon(job)
             job.receive.close()
             if job.attempt > 1:
@@ -329,6 +330,9 @@ class App:
                 except trio.EndOfChannel:
                     break
             if waiting.cancelled_caught:
+                if job.sink is not None and trio.current_time() - job.last_progress < interval:
+                    deadline = job.last_progress + interval  # the worker is writing: not silent
+                    continue
                 # Silent upstream (queue or prefill): commit early and keep the client's watchdog fed.
                 if ex.status is None:
                     await ex.start_stream()
@@ -342,10 +346,13 @@ class App:
                 head = item
                 if head.status == 200 and ex.status is None:
                     await ex.start_stream()
-                continue
-            if head is None or head.status != 200:
+            elif head is None or head.status != 200:
                 raise from_upstream(head.status if head else 502, item)
-            await ex.body(ex.rewritten(item), more=True)
+            else:
+                await ex.body(ex.rewritten(item), more=True)
+            if head.status == 200 and job.sink is None:
+                # From here the worker writes the events itself.
+                job.hand_sink(lambda events: ex.body(ex.rewritten(events), more=True))
         if ex.status is None:
             raise overloaded("The model server gave no response; retry shortly.")
         await ex.body(b"")

@@ -8,6 +8,13 @@ talks back to the front end through its own memory channel:
     bytes                        the body: whole SSE events, or one JSON body
     ApiError                     a failure, instead of or after the above
 
+Once the client's 200 is committed and everything before it written, the
+front end may hand the job a ``sink``: the worker then writes the stream's
+events to the client itself, one task switch less on each event's way
+(about 0.1 ms of the first byte in a timestamped trace against the real
+model). Heads and errors still go through the memory channel, after the
+events the worker has written.
+
 A job whose client leaves while queued is removed from the queue. One whose
 client leaves in flight has its cancel scope cancelled, which closes the
 upstream connection so llama-server stops generating and frees its slot.
@@ -27,7 +34,7 @@ import collections
 import functools
 import hashlib
 import logging
-from typing import Protocol
+from typing import Awaitable, Callable, Protocol
 
 import attrs
 import httpx
@@ -104,6 +111,8 @@ class Job:
     attempt_generation: int = 0
     attempt_scope: trio.CancelScope | None = None
     cancel_scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
+    #: Writes a stream's events straight to the client; set by the front end.
+    sink: Callable[[bytes], Awaitable[None]] | None = None
     _send: trio.MemorySendChannel = attrs.field(init=False)
     receive: trio.MemoryReceiveChannel = attrs.field(init=False)
 
@@ -115,6 +124,21 @@ class Job:
         await self._send.send(item)
         if isinstance(item, bytes):
             self.bytes_sent += len(item)
+
+    async def put_events(self, events: bytes) -> None:
+        """Whole SSE events of a 200 stream: written by the sink if there is one."""
+        if self.sink is None:
+            return await self.put(events)
+        await self.sink(events)
+        self.bytes_sent += len(events)
+
+    def hand_sink(self, sink: Callable[[bytes], Awaitable[None]]) -> bool:
+        """Let the worker write events with ``sink`` from now on, if nothing
+        handed over is still waiting to be written (it would be overtaken)."""
+        if self.receive.statistics().current_buffer_used:
+            return False
+        self.sink = sink
+        return True
 
     @functools.cached_property
     def fingerprint(self) -> str:
@@ -328,9 +352,9 @@ class SerialChannel:
                 ready.append(event)
             if not ready:
                 continue
-            # Whole events, all that this read completed, in one hand-off and one
-            # write to the client: no event waits for a later one.
-            await job.put(b"".join(ready))
+            # Whole events, all that this read completed, in one write to the
+            # client: no event waits for a later one.
+            await job.put_events(b"".join(ready))
         if not finished:
             raise _UpstreamBroke("the stream ended before message_stop")
 
