@@ -75,6 +75,13 @@ async def timed_stream(client: httpx.AsyncClient, url: str, body: dict) -> tuple
     return first - start, time.perf_counter() - start, deltas
 
 
+async def connect(port: int) -> trio.SocketStream:
+    """A loopback connection opened as sentinel opens one: no resolution, no happy eyeballs."""
+    sock = trio.socket.socket()
+    await sock.connect(("127.0.0.1", port))
+    return trio.SocketStream(sock)
+
+
 async def relay(port: int, upstream_port: int) -> None:
     """A bare TCP relay: bytes in, bytes out, no HTTP (run as a child process)."""
 
@@ -87,9 +94,7 @@ async def relay(port: int, upstream_port: int) -> None:
         done.cancel()
 
     async def handle(client: trio.SocketStream) -> None:
-        sock = trio.socket.socket()  # as sentinel connects: no resolution, no happy eyeballs
-        await sock.connect(("127.0.0.1", upstream_port))
-        upstream = trio.SocketStream(sock)
+        upstream = await connect(upstream_port)
         async with upstream, client, trio.open_nursery() as nursery:
             nursery.start_soon(pipe, client, upstream, nursery.cancel_scope)
             nursery.start_soon(pipe, upstream, client, nursery.cancel_scope)
@@ -120,9 +125,7 @@ async def hypercorn_proxy(port: int, upstream_port: int) -> None:
         body = b"".join(chunks)
         orjson.loads(body)
         auth = next(value for name, value in scope["headers"] if name == b"authorization")
-        sock = trio.socket.socket()  # as sentinel connects: no resolution, no happy eyeballs
-        await sock.connect(("127.0.0.1", upstream_port))
-        upstream = trio.SocketStream(sock)
+        upstream = await connect(upstream_port)
         connection = h11.Connection(h11.CLIENT)
         headers = [("host", "127.0.0.1"), ("content-type", "application/json"),
                    ("authorization", auth), ("content-length", str(len(body)))]

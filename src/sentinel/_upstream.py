@@ -42,7 +42,7 @@ class Upstream:
     _messages_headers: httpx.Headers = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
-        self._messages_url = httpx.URL(f"{self.base_url}/v1/messages")
+        self.move(self.base_url)
         self._messages_headers = httpx.Headers({
             "content-type": "application/json", "accept-encoding": "identity",
             "user-agent": "sentinel", **self._auth()})
