@@ -38,6 +38,18 @@ async def test_argv_binds_loopback_with_a_private_key(tmp_path):
     assert "--jinja" in argv and argv[argv.index("--ctx-size") + 1] == "8192"
 
 
+def test_replies_name_the_model_as_v1_models_does_not_by_its_path():
+    def alias(config: ServerConfig) -> str:
+        argv = server_argv("/bin/llama-server", "/models/qwen3-coder-30b.gguf", config, port=1, api_key="k")
+        return argv[argv.index("--alias") + 1]
+
+    assert alias(ServerConfig()) == "qwen3-coder-30b"
+    assert alias(ServerConfig(model_name="coder")) == "coder"
+    # The user's own --alias comes later on the command line, and wins.
+    argv = server_argv("/bin/llama-server", "/m.gguf", ServerConfig(args=("--alias", "mine")), port=1, api_key="k")
+    assert argv.index("--alias") < argv.index("mine") - 1
+
+
 async def test_api_keys_differ_between_instances(tmp_path):
     launcher = FakeLauncher()
     assert make_supervisor(tmp_path, launcher).api_key != make_supervisor(tmp_path, launcher).api_key

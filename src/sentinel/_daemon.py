@@ -29,7 +29,7 @@ from ._config import Config, ConfigError, ServerConfig
 from ._errors import overloaded
 from ._journal import Journal
 from ._locate import DEFAULT_MODEL_MAX_TOKENS, find_binary, find_model
-from ._supervisor import ExternalServer, Launcher, Supervisor, TrioLauncher
+from ._supervisor import ExternalServer, Launcher, Supervisor, TrioLauncher, model_alias
 
 __all__ = ["Daemon", "serve"]
 
@@ -64,7 +64,7 @@ def build_server(config: Config, journal: Journal,
         pidfile=config.state_path / "llama-server.pid",
         reload=_config_reloader(config),
     )
-    return supervisor, config.server.model_name or model.stem
+    return supervisor, model_alias(config.server, model)
 
 
 def _config_reloader(config: Config) -> Callable[[], ServerConfig | None]:

@@ -44,7 +44,7 @@ from ._upstream import Upstream
 
 __all__ = [
     "Status", "ServerState", "StartupError", "ServerFailed", "Process", "Launcher", "TrioLauncher",
-    "Supervisor", "ExternalServer", "server_argv", "free_port", "tail",
+    "Supervisor", "ExternalServer", "model_alias", "server_argv", "free_port", "tail",
 ]
 
 log = logging.getLogger("sentinel.supervisor")
@@ -171,12 +171,20 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def model_alias(config: ServerConfig, model: Path | str) -> str:
+    """What the model is called: ``model_name`` from config, else its file's name."""
+    return config.model_name or Path(model).stem
+
+
 def server_argv(binary: Path | str, model: Path | str, config: ServerConfig,
                 port: int, api_key: str) -> list[str]:
     """The command line: defaults first, the user's args next, then what sentinel must own."""
     # --threads-http: count_tokens (bounded) and /health run beside the one
     # generation, and llama-server's default pool is as small as 3 threads.
-    argv = [str(binary), "--model", str(model), "--metrics", "--parallel", "1", "--threads-http", "8"]
+    # --alias: without it llama-server names the model in every reply by its
+    # file's full path, which lands in Claude Code's transcripts.
+    argv = [str(binary), "--model", str(model), "--alias", model_alias(config, model),
+            "--metrics", "--parallel", "1", "--threads-http", "8"]
     if config.ctx_size:
         argv += ["--ctx-size", str(config.ctx_size)]
     argv += list(config.args)

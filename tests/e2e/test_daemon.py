@@ -49,10 +49,14 @@ async def test_head_probe_and_health(daemon):
 async def test_streaming_main_turn_from_the_capture(daemon):
     async with client(daemon) as http:
         events = await stream_events(http, main_turn(stream=True, max_tokens=16))
+        model = (await http.get("/v1/models")).json()["data"][0]["id"]
     names = [name for name, _ in events if name != "ping"]
     assert names[0] == "message_start" and names[-1] == "message_stop"
     assert "content_block_delta" in names
-    assert events[0][1]["message"]["usage"]["input_tokens"] > 0
+    message = events[0][1]["message"]
+    assert message["usage"]["input_tokens"] > 0
+    # The model by its name, not by the path of its file (Claude Code keeps it in transcripts).
+    assert message["model"] == model == "gemma-3-270m-q4_k_m"
 
 
 async def test_non_streaming_main_turn_from_the_capture(daemon):
