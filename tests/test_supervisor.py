@@ -45,9 +45,10 @@ def test_replies_name_the_model_as_v1_models_does_not_by_its_path():
 
     assert alias(ServerConfig()) == "qwen3-coder-30b"
     assert alias(ServerConfig(model_name="coder")) == "coder"
-    # The user's own --alias comes later on the command line, and wins.
+    # The user's own --alias comes last on the command line, and wins.
     argv = server_argv("/bin/llama-server", "/m.gguf", ServerConfig(args=("--alias", "mine")), port=1, api_key="k")
-    assert argv.index("--alias") < argv.index("mine") - 1
+    last = len(argv) - 1 - argv[::-1].index("--alias")
+    assert argv.count("--alias") == 2 and argv[last + 1] == "mine"
 
 
 async def test_api_keys_differ_between_instances(tmp_path):
