@@ -38,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Iterator
 
 import httpx
 import psutil
@@ -182,37 +183,42 @@ async def null_server(port: int) -> None:
     await trio.serve_tcp(handle, port, host="127.0.0.1")
 
 
-def start_child(*args: str) -> tuple[subprocess.Popen, str]:
-    """This script as a child process (--relay, --hypercorn, --null) on a free port, once it listens."""
+@contextlib.contextmanager
+def child(*args: str) -> Iterator[str]:
+    """This script as a child process (--relay, --hypercorn, --null) on a free
+    port: its URL once it listens; stopped when the block ends."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     process = subprocess.Popen([sys.executable, __file__, args[0], str(port), *args[1:]])
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return process, f"http://127.0.0.1:{port}"
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        process.wait()
 
 
 async def bench_streaming(daemon_url: str, direct_url: str, key: str, n: int) -> dict:
     body = {**main_turn(stream=True, max_tokens=8), "temperature": 0}
     upstream_port = direct_url.rsplit(":", 1)[1]
-    relay_process, relay_url = start_child("--relay", upstream_port)
-    hypercorn_process, hypercorn_url = start_child("--hypercorn", upstream_port)
     auth = {"authorization": f"Bearer {key}"}
     # llama-server closes the connection after every stream, so its clients
     # cannot keep one alive; sentinel's clients (Claude Code) do.
     fresh = httpx.Limits(max_keepalive_connections=0)
-    routes = {"direct": (direct_url, auth, fresh), "relay": (relay_url, auth, fresh),
-              "hypercorn": (hypercorn_url, auth, httpx.Limits()),
-              "sentinel": (daemon_url, {}, httpx.Limits())}
-    times = {name: {"ttfb": [], "total": []} for name in routes}
-    try:
+    with child("--relay", upstream_port) as relay_url, child("--hypercorn", upstream_port) as hypercorn_url:
+        routes = {"direct": (direct_url, auth, fresh), "relay": (relay_url, auth, fresh),
+                  "hypercorn": (hypercorn_url, auth, httpx.Limits()),
+                  "sentinel": (daemon_url, {}, httpx.Limits())}
+        times = {name: {"ttfb": [], "total": []} for name in routes}
         async with contextlib.AsyncExitStack() as stack:
             clients = {name: await stack.enter_async_context(
                 httpx.AsyncClient(timeout=300, headers=headers, limits=limits))
@@ -230,10 +236,6 @@ async def bench_streaming(daemon_url: str, direct_url: str, key: str, n: int) ->
                     ttfb, total, _ = await timed_stream(clients[name], f"{routes[name][0]}/v1/messages", body)
                     times[name]["ttfb"].append(ttfb * 1000)
                     times[name]["total"].append(total * 1000)
-    finally:
-        for process in (relay_process, hypercorn_process):
-            process.terminate()
-            process.wait()
     direct = times["direct"]
     results: dict = {"direct_ttfb_ms": summary(direct["ttfb"]), "direct_total_ms": summary(direct["total"])}
     for name in ("relay", "hypercorn", "sentinel"):
@@ -278,8 +280,7 @@ async def stream_with_titles(client: httpx.AsyncClient, interval: float | None,
 
 async def bench_synthesized(daemon_url: str, n: int, rounds: int) -> dict:
     body = title_request(stream=True)
-    null_process, null_url = start_child("--null")
-    try:
+    with child("--null") as null_url:
         async with httpx.AsyncClient(base_url=daemon_url, timeout=60) as client, \
                 httpx.AsyncClient(base_url=null_url, timeout=60) as null:
             # Throughput: 8 concurrent clients for n * 10 replies.
@@ -323,9 +324,6 @@ async def bench_synthesized(daemon_url: str, n: int, rounds: int) -> dict:
                     # slowdown this measurement can tell from noise.
                     "quiet_spread": (max(quiet) - min(quiet)) / quiet_median,
                 }
-    finally:
-        null_process.terminate()
-        null_process.wait()
     return results
 
 
